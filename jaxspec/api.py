@@ -1,0 +1,202 @@
+"""Python API: ``jaxspec.load`` and ``jaxspec.generate``."""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import time
+from pathlib import Path
+from typing import Any, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from jaxspec.cache import KVCache
+from jaxspec.generation import FINISH_NAMES, PREFILL_CLOCK, Sampling, bucket, generate_tokens, pad_prompts
+from jaxspec.models.config import ModelConfig
+
+
+class InputError(ValueError):
+    """A request jaxspec refuses, with a message that says why."""
+
+
+@dataclasses.dataclass
+class Model:
+    """A loaded model: config, params (a pytree of arrays) and tokenizer (may be None)."""
+
+    config: ModelConfig
+    params: Any
+    tokenizer: Any = None
+    source: str = ""
+    load_seconds: float = 0.0
+
+
+def load(path: str | os.PathLike, *, dtype: str | None = None, quiet: bool = False) -> Model:
+    """Load a model from an HF directory, a GGUF file, a ``jaxspec convert`` checkpoint, or a registry name.
+
+    ``dtype`` overrides the compute/param dtype (default float32; "bfloat16" for TPU/GPU).
+    """
+    from jaxspec.conversion import checkpoint, hf
+    from jaxspec.fetch import resolve_model
+
+    t0 = time.perf_counter()
+    path = Path(resolve_model(os.fspath(path), quiet=quiet))
+    if not path.exists():
+        raise FileNotFoundError(f"no such model file or directory: {path}")
+    if path.is_file():
+        with open(path, "rb") as f:
+            magic = f.read(4)
+        if magic != b"GGUF":
+            raise InputError(f"{path} is neither a GGUF file nor a model directory")
+        from jaxspec.conversion.gguf import load_gguf
+        from jaxspec.conversion.tokenizer import tokenizer_from_gguf
+
+        cfg, params, meta = load_gguf(path, dtype=dtype or "float32")
+        tok = tokenizer_from_gguf(meta)
+    elif checkpoint.is_checkpoint(path):
+        cfg, params, _ = checkpoint.load_checkpoint(path)
+        if dtype:
+            cfg = cfg.replace(dtype=dtype, param_dtype=dtype)
+            params = jax.tree.map(lambda a: a.astype(dtype), params)
+        tok = _maybe_tokenizer(path / "tokenizer")
+    else:
+        cfg, params = hf.load_hf(path, dtype=dtype)
+        tok = _maybe_tokenizer(path)
+    return Model(cfg, params, tok, source=str(path), load_seconds=time.perf_counter() - t0)
+
+
+def _maybe_tokenizer(path: Path):
+    if not any((path / n).is_file() for n in ("tokenizer.json", "tokenizer.model")):
+        return None
+    from jaxspec.conversion.tokenizer import load_tokenizer
+
+    return load_tokenizer(path)
+
+
+@dataclasses.dataclass
+class GenerationResult:
+    token_ids: list[int]
+    text: str | None
+    finish_reason: str
+    prompt_tokens: int
+    timings: dict[str, float]
+    tokens_per_second: float
+
+    def to_json(self) -> dict:
+        return dataclasses.asdict(self)
+
+
+def encode_prompt(model: Model, prompt: str | Sequence[int], chat: bool = False, system: str | None = None) -> list[int]:
+    """Token ids of one prompt (text or ids), validated against the model."""
+    if isinstance(prompt, str):
+        if not prompt:
+            raise InputError("empty prompt")
+        if model.tokenizer is None:
+            raise InputError("this model has no tokenizer: pass token ids (--prompt-ids)")
+        if chat:
+            msgs = ([{"role": "system", "content": system}] if system else []) + [{"role": "user", "content": prompt}]
+            ids = model.tokenizer.encode(model.tokenizer.apply_chat_template(msgs), add_special_tokens=False)
+        else:
+            ids = model.tokenizer.encode(prompt)
+    else:
+        ids = list(prompt)
+        if chat:
+            raise InputError("chat templates apply to text prompts, not token ids")
+    if not ids:
+        raise InputError("empty prompt")
+    bad = [i for i in ids if not isinstance(i, (int, np.integer)) or not 0 <= int(i) < model.config.vocab_size]
+    if bad:
+        raise InputError(f"prompt ids must be integers in [0, {model.config.vocab_size}); got {bad[:5]}")
+    if len(ids) > model.config.max_position_embeddings:
+        raise InputError(
+            f"prompt has {len(ids)} tokens, longer than the model's context ({model.config.max_position_embeddings})"
+        )
+    return [int(i) for i in ids]
+
+
+class _Compiled:
+    """Compiled generation programs keyed by (config, shapes): one compile per bucket."""
+
+    def __init__(self):
+        self._table: dict[tuple, Any] = {}
+
+    def get(self, args: tuple, static: dict) -> tuple[Any, float]:
+        key = (jax.tree.structure(args), tuple((a.shape, str(a.dtype)) for a in jax.tree.leaves(args)),
+               tuple(sorted(static.items())))
+        if key in self._table:
+            return self._table[key], 0.0
+        t0 = time.perf_counter()
+        exe = generate_tokens.lower(*args, **static).compile()
+        self._table[key] = exe
+        return exe, time.perf_counter() - t0
+
+    def __len__(self):
+        return len(self._table)
+
+
+COMPILED = _Compiled()
+
+
+def generate(
+    model: Model,
+    prompts: str | Sequence[int] | Sequence[str] | Sequence[Sequence[int]],
+    *,
+    max_new_tokens: int = 64,
+    temperature: float = 0.0,
+    top_k: int = 0,
+    top_p: float = 1.0,
+    seed: int = 0,
+    stop_ids: Sequence[int] | None = None,
+    chat: bool = False,
+    cache_capacity: int | None = None,
+) -> GenerationResult | list[GenerationResult]:
+    """Generate continuations. A single prompt (str or id list) returns one result, a list of prompts a list.
+
+    ``stop_ids`` default to the model's EOS ids. ``cache_capacity`` bounds the KV cache (default: room
+    for the whole request); a row that runs out of cache stops with finish_reason ``cache_full``.
+    """
+    single = isinstance(prompts, str) or (len(prompts) > 0 and isinstance(prompts[0], (int, np.integer)))
+    batch = [prompts] if single else list(prompts)
+    if not batch:
+        raise InputError("no prompts")
+    if max_new_tokens < 1:
+        raise InputError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
+    ids = [encode_prompt(model, p, chat=chat) for p in batch]
+    cfg = model.config
+    tok = model.tokenizer
+    if stop_ids is None:
+        stop_ids = sorted(set(cfg.eos_token_ids) | set(getattr(tok, "eos_ids", ()) or ()))
+    pad_id = 0
+    prepared = pad_prompts(ids, pad_id)
+    max_steps = bucket(max_new_tokens)
+    T = prepared.tokens.shape[1]
+    capacity = cache_capacity if cache_capacity is not None else T + max_steps
+    if capacity < T:
+        raise InputError(f"cache capacity {capacity} is smaller than the padded prompt ({T} tokens)")
+    stops = np.full((max(8, len(stop_ids)),), -1, np.int32)
+    stops[: len(stop_ids)] = stop_ids
+    cache = KVCache.create(cfg, len(batch), capacity)
+    args = (model.params, prepared.tokens, prepared.lengths, cache, jax.random.PRNGKey(seed),
+            jnp.int32(max_new_tokens), jnp.asarray(stops), Sampling.make(temperature, top_k, top_p))
+    exe, compile_s = COMPILED.get(args, {"cfg": cfg, "max_steps": max_steps, "pad_id": pad_id})
+    PREFILL_CLOCK.t = None
+    t0 = time.perf_counter()
+    out = exe(*args)
+    jax.block_until_ready(out.tokens)
+    t1 = time.perf_counter()
+    run_s = t1 - t0
+    prefill_s = (PREFILL_CLOCK.t or t1) - t0
+
+    tokens = np.asarray(out.tokens)
+    n_gen = np.asarray(out.num_generated)
+    reasons = np.asarray(out.finish_reason)
+    total_new = int(n_gen.sum())
+    timings = {"load": model.load_seconds, "compile": compile_s, "prefill": prefill_s, "decode": run_s - prefill_s}
+    results = []
+    for i in range(len(batch)):
+        gen = tokens[i, : n_gen[i]].tolist()
+        text = tok.decode(gen) if tok is not None else None
+        tps = (total_new - len(batch)) / timings["decode"] if timings["decode"] > 0 else 0.0
+        results.append(GenerationResult(gen, text, FINISH_NAMES[int(reasons[i])], len(ids[i]), dict(timings), tps))
+    return results[0] if single else results

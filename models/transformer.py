@@ -1,0 +1,224 @@
+"""One decoder-only transformer for every supported family (Llama 2/3, Qwen2/2.5, Qwen3).
+
+Flax linen modules, applied functionally: parameters are a plain nested dict (pytree), the KV cache
+is an explicit input and output, and the layers run as an ``nn.scan`` over stacked weights.
+Draft and target models use this same ``forward``.
+
+Parameter tree (stacked layer weights have a leading ``[L]`` axis; kernels are ``[in, out]``)::
+
+    embed_tokens/embedding                      [V, D]
+    layers/input_layernorm/scale                [L, D]
+    layers/self_attn/{q,k,v}_proj/kernel        [L, D, H*hd]   (+ bias [L, H*hd] for Qwen2)
+    layers/self_attn/{q,k}_norm/scale           [L, hd]        (Qwen3)
+    layers/self_attn/o_proj/kernel              [L, Hq*hd, D]
+    layers/post_attention_layernorm/scale       [L, D]
+    layers/mlp/{gate,up}_proj/kernel            [L, D, F]
+    layers/mlp/down_proj/kernel                 [L, F, D]
+    norm/scale                                  [D]
+    lm_head/kernel                              [D, V]         (absent when embeddings are tied)
+
+Attention semantics. Every token carries a RoPE position; position ``-1`` marks padding. A query
+attends to (a) cache slots ``s < cache.length[b]`` whose stored position is ``>= 0`` and ``<=`` the
+query's position, and (b) the new tokens of this call: by default causally by position, or by the
+explicit ``mask_info[b, q, k]`` (tree attention for speculative verification). Valid new tokens must
+form a prefix of the ``T`` axis; they are written into the cache at ``cache.length[b]`` and the
+length advances by their count. Padding tokens are never written.
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax import lax
+
+from .config import ModelConfig, rope_inv_freq
+
+Params = dict[str, Any]
+_MASK_VALUE = -0.7 * float(np.finfo(np.float32).max)
+
+
+class RMSNorm(nn.Module):
+    eps: float
+    dtype: Any = jnp.float32
+    param_dtype: Any = jnp.float32
+
+    @nn.compact
+    def __call__(self, x):
+        scale = self.param("scale", nn.initializers.ones, (x.shape[-1],), self.param_dtype)
+        xf = x.astype(jnp.float32)
+        y = xf * lax.rsqrt(jnp.mean(xf * xf, axis=-1, keepdims=True) + self.eps)
+        return scale.astype(self.dtype) * y.astype(self.dtype)
+
+
+def apply_rope(x, cos, sin):
+    """Rotate-half RoPE (HF layout). x [B, T, H, hd]; cos/sin [B, T, hd//2]."""
+    x1, x2 = jnp.split(x, 2, axis=-1)
+    c = cos[:, :, None, :].astype(x.dtype)
+    s = sin[:, :, None, :].astype(x.dtype)
+    return jnp.concatenate([x1 * c - x2 * s, x2 * c + x1 * s], axis=-1)
+
+
+def rope_tables(cfg: ModelConfig, positions):
+    """cos/sin [B, T, hd//2] in float32 for integer positions [B, T]."""
+    inv = jnp.asarray(rope_inv_freq(cfg))
+    ang = jnp.maximum(positions, 0).astype(jnp.float32)[..., None] * inv
+    return jnp.cos(ang), jnp.sin(ang)
+
+
+def _dense(cfg: ModelConfig, features: int, name: str, use_bias: bool = False):
+    return nn.Dense(
+        features, use_bias=use_bias, dtype=cfg.jnp_dtype, param_dtype=cfg.jnp_param_dtype, name=name
+    )
+
+
+class Attention(nn.Module):
+    cfg: ModelConfig
+
+    @nn.compact
+    def __call__(self, x, cos, sin, positions, new_mask, cache_k, cache_v, cache_pos, cache_len):
+        cfg = self.cfg
+        B, T, _ = x.shape
+        H, Hk, hd, G = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim, cfg.group_size
+        q = _dense(cfg, H * hd, "q_proj", cfg.qkv_bias)(x).reshape(B, T, H, hd)
+        k = _dense(cfg, Hk * hd, "k_proj", cfg.qkv_bias)(x).reshape(B, T, Hk, hd)
+        v = _dense(cfg, Hk * hd, "v_proj", cfg.qkv_bias)(x).reshape(B, T, Hk, hd)
+        if cfg.qk_norm:
+            q = RMSNorm(cfg.rms_norm_eps, cfg.jnp_dtype, cfg.jnp_param_dtype, name="q_norm")(q)
+            k = RMSNorm(cfg.rms_norm_eps, cfg.jnp_dtype, cfg.jnp_param_dtype, name="k_norm")(k)
+        q = apply_rope(q, cos, sin)
+        k = apply_rope(k, cos, sin)
+
+        # [B, Hk, G, T, hd] queries; new keys/values [B, Hk, T, hd]
+        qg = q.reshape(B, T, Hk, G, hd).transpose(0, 2, 3, 1, 4) * jnp.asarray(hd**-0.5, q.dtype)
+        kn = k.transpose(0, 2, 1, 3)
+        vn = v.transpose(0, 2, 1, 3)
+
+        S = cache_k.shape[2]
+        s_old = jnp.einsum("bhgtd,bhsd->bhgts", qg, cache_k.astype(qg.dtype), preferred_element_type=jnp.float32)
+        slot = jnp.arange(S)
+        old_ok = (
+            (slot[None, None, :] < cache_len[:, None, None])  # [B,1,S]
+            & (cache_pos >= 0)  # [B,Hk,S]
+        )[:, :, None, :] & (cache_pos[:, :, None, :] <= positions[:, None, :, None])  # [B,Hk,T,S]
+        s_old = jnp.where(old_ok[:, :, None], s_old, _MASK_VALUE)
+
+        s_new = jnp.einsum("bhgtd,bhsd->bhgts", qg, kn, preferred_element_type=jnp.float32)
+        s_new = jnp.where(new_mask[:, None, None], s_new, _MASK_VALUE)
+
+        m = jnp.maximum(s_old.max(-1, keepdims=True), s_new.max(-1, keepdims=True))
+        p_old = jnp.exp(s_old - m)
+        p_new = jnp.exp(s_new - m)
+        denom = p_old.sum(-1, keepdims=True) + p_new.sum(-1, keepdims=True)
+        out = jnp.einsum("bhgts,bhsd->bhgtd", p_old.astype(cfg.jnp_dtype), cache_v.astype(cfg.jnp_dtype))
+        out = out + jnp.einsum("bhgts,bhsd->bhgtd", p_new.astype(cfg.jnp_dtype), vn)
+        out = (out / denom.astype(out.dtype)).transpose(0, 3, 1, 2, 4).reshape(B, T, H * hd)
+        out = _dense(cfg, cfg.hidden_size, "o_proj")(out)
+        return out, kn, vn
+
+
+class MLP(nn.Module):
+    cfg: ModelConfig
+
+    @nn.compact
+    def __call__(self, x):
+        cfg = self.cfg
+        g = _dense(cfg, cfg.intermediate_size, "gate_proj")(x)
+        u = _dense(cfg, cfg.intermediate_size, "up_proj")(x)
+        return _dense(cfg, cfg.hidden_size, "down_proj")(nn.silu(g) * u)
+
+
+class Block(nn.Module):
+    """One decoder layer; scanned over the stacked layer axis. carry = hidden state."""
+
+    cfg: ModelConfig
+
+    @nn.compact
+    def __call__(self, x, layer_cache, cos, sin, positions, new_mask, cache_len):
+        cfg = self.cfg
+        ck, cv, cpos = layer_cache
+        norm = functools.partial(RMSNorm, cfg.rms_norm_eps, cfg.jnp_dtype, cfg.jnp_param_dtype)
+        h, kn, vn = Attention(cfg, name="self_attn")(
+            norm(name="input_layernorm")(x), cos, sin, positions, new_mask, ck, cv, cpos, cache_len
+        )
+        x = x + h
+        x = x + MLP(cfg, name="mlp")(norm(name="post_attention_layernorm")(x))
+        return x, (kn, vn)
+
+
+class Transformer(nn.Module):
+    cfg: ModelConfig
+
+    @nn.compact
+    def __call__(self, tokens, positions, cache_k, cache_v, cache_pos, cache_len, new_mask, last_index):
+        cfg = self.cfg
+        embed = nn.Embed(
+            cfg.vocab_size, cfg.hidden_size, dtype=cfg.jnp_dtype, param_dtype=cfg.jnp_param_dtype,
+            name="embed_tokens",
+        )
+        x = embed(tokens)
+        cos, sin = rope_tables(cfg, positions)
+        Scan = nn.scan(
+            Block,
+            variable_axes={"params": 0},
+            split_rngs={"params": True},
+            in_axes=(0, nn.broadcast, nn.broadcast, nn.broadcast, nn.broadcast, nn.broadcast),
+            length=cfg.num_layers,
+        )
+        x, (new_k, new_v) = Scan(cfg, name="layers")(
+            x, (cache_k, cache_v, cache_pos), cos, sin, positions, new_mask, cache_len
+        )
+        if last_index is not None:
+            x = jnp.take_along_axis(x, last_index[:, None, None], axis=1)[:, 0]
+        x = RMSNorm(cfg.rms_norm_eps, cfg.jnp_dtype, cfg.jnp_param_dtype, name="norm")(x)
+        if cfg.tie_word_embeddings:
+            logits = embed.attend(x)
+        else:
+            logits = _dense(cfg, cfg.vocab_size, "lm_head")(x)
+        return logits.astype(jnp.float32), new_k, new_v
+
+
+def init_params(cfg: ModelConfig, rng=None, scale: float = 0.02) -> Params:
+    """Random parameters of the right structure (for tests and abstract shapes)."""
+    from jaxspec.cache import KVCache  # local import: models/ stays free of jaxspec at import time
+
+    rng = jax.random.PRNGKey(0) if rng is None else rng
+    cache = KVCache.create(cfg, batch=1, capacity=1)
+    tokens = jnp.zeros((1, 1), jnp.int32)
+    variables = Transformer(cfg).init(
+        rng, tokens, tokens, cache.k, cache.v, cache.pos, cache.length, jnp.ones((1, 1, 1), bool), None
+    )
+    return variables["params"]
+
+
+def param_shapes(cfg: ModelConfig) -> Params:
+    """The parameter tree as ``jax.ShapeDtypeStruct`` leaves, without allocating anything."""
+    return jax.eval_shape(lambda: init_params(cfg))
+
+
+def causal_mask(positions):
+    """[B, T, T]: new key k visible to new query q iff k is valid and pos_k <= pos_q."""
+    return (positions[:, None, :] >= 0) & (positions[:, None, :] <= positions[:, :, None])
+
+
+def forward(params: Params, cfg: ModelConfig, tokens, positions, cache, *, mask_info=None, last_only=False):
+    """Run the model over ``tokens [B, T]`` at ``positions [B, T]`` (``-1`` = padding).
+
+    Returns ``(logits, new_cache, aux)``: logits are ``[B, T, V]``, or ``[B, V]`` for the last valid
+    token of each row when ``last_only``; ``aux`` holds ``num_new [B]`` (tokens written).
+    ``mask_info`` is an optional ``[B, T, T]`` boolean mask among the new tokens (tree attention);
+    by default new tokens attend causally by position.
+    """
+    positions = positions.astype(jnp.int32)
+    new_mask = causal_mask(positions) if mask_info is None else (mask_info & (positions[:, None, :] >= 0))
+    last_index = jnp.argmax(positions, axis=1) if last_only else None
+    logits, new_k, new_v = Transformer(cfg).apply(
+        {"params": params},
+        tokens.astype(jnp.int32), positions, cache.k, cache.v, cache.pos, cache.length, new_mask, last_index,
+    )
+    new_cache = cache.append(new_k, new_v, positions)
+    return logits, new_cache, {"num_new": (positions >= 0).sum(axis=1).astype(jnp.int32)}

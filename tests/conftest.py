@@ -1,0 +1,69 @@
+"""Shared fixtures: tiny random HF models saved by transformers, and the path of ../shared/assets."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+SHARED_ASSETS = REPO.parent / "shared" / "assets"
+
+
+def tiny_hf_configs():
+    """name -> (transformers config class name, kwargs) covering every family feature we support."""
+    base = dict(vocab_size=101, hidden_size=32, intermediate_size=48, num_hidden_layers=2,
+                num_attention_heads=4, max_position_embeddings=256)
+    return {
+        "llama-gqa4to1-tied": ("LlamaConfig", dict(base, num_key_value_heads=1, tie_word_embeddings=True)),
+        "llama-gqa4to2-untied-llama3rope": ("LlamaConfig", dict(
+            base, num_key_value_heads=2, tie_word_embeddings=False,
+            rope_scaling={"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+                          "original_max_position_embeddings": 32})),
+        "llama-linear-rope": ("LlamaConfig", dict(base, num_key_value_heads=2, rope_theta=500.0,
+                                                  rope_scaling={"rope_type": "linear", "factor": 2.0})),
+        "qwen2-bias": ("Qwen2Config", dict(base, num_key_value_heads=2, tie_word_embeddings=False)),
+        "qwen3-qknorm-headdim": ("Qwen3Config", dict(base, num_key_value_heads=2, head_dim=16,
+                                                     tie_word_embeddings=True)),
+    }
+
+
+def make_tiny_hf(name: str, out_dir: Path, seed: int = 0):
+    """Build a tiny random transformers model, save it to out_dir, return the torch model."""
+    import torch
+    import transformers
+
+    cls_name, kw = tiny_hf_configs()[name]
+    config = getattr(transformers, cls_name)(**kw)
+    torch.manual_seed(seed)
+    model = transformers.AutoModelForCausalLM.from_config(config).eval()
+    with torch.no_grad():  # larger-than-default weights so logits are not all ~0 (a weak test)
+        for p in model.parameters():
+            p.normal_(0.0, 0.2) if p.dim() > 1 else p.uniform_(0.5, 1.5)
+    model.save_pretrained(out_dir)
+    return model
+
+
+@pytest.fixture(scope="session")
+def tiny_hf(tmp_path_factory):
+    """Callable name -> (dir, torch model), cached per session."""
+    made: dict[str, tuple[Path, object]] = {}
+
+    def get(name: str):
+        if name not in made:
+            d = tmp_path_factory.mktemp(name)
+            made[name] = (d, make_tiny_hf(name, d))
+        return made[name]
+
+    return get
+
+
+def shared_asset(rel: str) -> Path:
+    p = SHARED_ASSETS / rel
+    if not p.exists():
+        pytest.skip(f"{p} absent (../shared/assets is not laid out beside this checkout)")
+    return p
+
+
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
