@@ -72,17 +72,28 @@ def save_checkpoint(out_dir: str | os.PathLike, cfg: ModelConfig, params, tokeni
     return out_dir
 
 
+def _read_meta(path: Path) -> dict:
+    try:
+        meta = json.loads((path / MARKER).read_text())
+    except FileNotFoundError as e:
+        raise CheckpointFormatError(f"{path} is not a jaxspec checkpoint (no {MARKER})") from e
+    except json.JSONDecodeError as e:
+        raise CheckpointFormatError(f"{path / MARKER} is corrupt: {e}") from e
+    if meta.get("format") != FORMAT:
+        raise CheckpointFormatError(f"{path / MARKER}: unknown format {meta.get('format')!r}")
+    return meta
+
+
+def load_checkpoint_config(path: str | os.PathLike) -> ModelConfig:
+    return config_from_dict(_read_meta(Path(path))["config"])
+
+
 def load_checkpoint(path: str | os.PathLike, shardings=None) -> tuple[ModelConfig, dict, dict]:
     """(config, params, metadata). ``shardings``: optional pytree of shardings to restore onto."""
     import orbax.checkpoint as ocp
 
     path = Path(path).absolute()
-    try:
-        meta = json.loads((path / MARKER).read_text())
-    except FileNotFoundError as e:
-        raise CheckpointFormatError(f"{path} is not a jaxspec checkpoint (no {MARKER})") from e
-    if meta.get("format") != FORMAT:
-        raise CheckpointFormatError(f"{path / MARKER}: unknown format {meta.get('format')!r}")
+    meta = _read_meta(path)
     cfg = config_from_dict(meta["config"])
     target = param_shapes(cfg)
     if shardings is not None:

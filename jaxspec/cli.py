@@ -1,0 +1,159 @@
+"""The ``jaxspec`` command line: generate, convert, inspect, fetch."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import signal
+import sys
+
+def _user_errors() -> tuple[type[BaseException], ...]:
+    """Exception types that mean bad input: printed as one line, exit code 2, no traceback."""
+    from jaxspec.api import InputError
+    from jaxspec.conversion.checkpoint import CheckpointFormatError
+    from jaxspec.conversion.hf import CheckpointError
+    from jaxspec.fetch import FetchError
+    from jaxspec.models.config import ConfigError
+
+    errors: list[type[BaseException]] = [InputError, CheckpointFormatError, CheckpointError, FetchError,
+                                         ConfigError, FileNotFoundError]
+    for mod, name in (("jaxspec.conversion.gguf", "GGUFError"), ("jaxspec.conversion.tokenizer", "TokenizerError")):
+        try:
+            errors.append(getattr(__import__(mod, fromlist=[name]), name))
+        except (ImportError, AttributeError):
+            pass
+    return tuple(errors)
+
+
+def _parse_ids(text: str) -> list[int]:
+    try:
+        return [int(x) for x in text.replace(" ", "").split(",") if x != ""]
+    except ValueError as e:
+        from jaxspec.api import InputError
+
+        raise InputError(f"--prompt-ids must be comma-separated integers, got {text!r}") from e
+
+
+def cmd_generate(args) -> int:
+    import jaxspec
+    from jaxspec.api import InputError
+
+    if (args.prompt is None) == (args.prompt_ids is None):
+        raise InputError("give exactly one of --prompt and --prompt-ids")
+    prompt = args.prompt if args.prompt is not None else _parse_ids(args.prompt_ids)
+    model = jaxspec.load(args.model, dtype=args.dtype, quiet=args.json)
+    res = jaxspec.generate(
+        model, prompt, max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_k=args.top_k,
+        top_p=args.top_p, seed=args.seed, chat=args.chat,
+        stop_ids=_parse_ids(args.stop_ids) if args.stop_ids is not None else None,
+        cache_capacity=args.cache_capacity,
+    )
+    if args.json:
+        print(json.dumps(res.to_json()))
+    else:
+        print(res.text if res.text is not None else " ".join(map(str, res.token_ids)))
+        t = res.timings
+        print(f"[{len(res.token_ids)} tokens, finish={res.finish_reason}, prompt={res.prompt_tokens} tokens, "
+              f"load {t['load']:.2f}s, compile {t['compile']:.2f}s, prefill {t['prefill']:.3f}s, "
+              f"decode {res.tokens_per_second:.1f} tok/s]", file=sys.stderr)
+    return 0
+
+
+def cmd_convert(args) -> int:
+    import jaxspec
+    from jaxspec.conversion.checkpoint import save_checkpoint
+    from jaxspec.conversion.hf import save_hf
+
+    model = jaxspec.load(args.src, dtype=args.dtype)
+    if args.to == "hf":
+        out = save_hf(model.config, model.params, args.out, tokenizer=model.tokenizer)
+    else:
+        out = save_checkpoint(args.out, model.config, model.params, tokenizer=model.tokenizer, source=model.source)
+    print(out)
+    return 0
+
+
+def cmd_inspect(args) -> int:
+    from jaxspec.conversion.inspect import inspect_path
+
+    info = inspect_path(args.path)
+    if args.json:
+        print(json.dumps(info, indent=2))
+        return 0
+    print(f"format: {info['format']}")
+    for k, v in info.get("config", {}).items():
+        print(f"  {k}: {v}")
+    print(f"tensors: {len(info['tensors'])}")
+    for t in info["tensors"]:
+        print(f"  {t['name']:<56} {t['dtype']:<8} {tuple(t['shape'])}")
+    return 0
+
+
+def cmd_fetch(args) -> int:
+    from jaxspec import fetch
+
+    if args.list or not args.name:
+        for name in fetch.list_registry():
+            e = fetch.REGISTRY[name]
+            print(f"{name:<32} {e.description}")
+        return 0
+    print(fetch.fetch(args.name, quiet=args.quiet, verify=args.verify))
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="jaxspec", description="Draft-guided LLM inference in JAX.")
+    sub = p.add_subparsers(dest="command", required=True)
+
+    g = sub.add_parser("generate", help="generate text with a model",
+                       description="Generate a continuation. MODEL is an HF directory, a GGUF file, a "
+                                   "`jaxspec convert` checkpoint or a registry name (see `jaxspec fetch --list`).")
+    g.add_argument("--model", required=True, help="model path or registry name")
+    g.add_argument("--prompt", help="prompt text")
+    g.add_argument("--prompt-ids", help="prompt as comma-separated token ids, e.g. 1,2,3")
+    g.add_argument("--chat", action="store_true", help="wrap the prompt in the model's chat template")
+    g.add_argument("--max-new-tokens", type=int, default=64)
+    g.add_argument("--temperature", type=float, default=0.0, help="0 (default) is greedy")
+    g.add_argument("--top-k", type=int, default=0, help="0 = off")
+    g.add_argument("--top-p", type=float, default=1.0, help="1.0 = off")
+    g.add_argument("--seed", type=int, default=0)
+    g.add_argument("--stop-ids", help="comma-separated stop token ids (default: the model's EOS ids)")
+    g.add_argument("--cache-capacity", type=int, help="KV cache slots (default: prompt + max new tokens)")
+    g.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], help="default float32")
+    g.add_argument("--json", action="store_true", help="print one JSON object")
+    g.set_defaults(func=cmd_generate)
+
+    c = sub.add_parser("convert", help="convert a model to an orbax checkpoint (or an HF directory)")
+    c.add_argument("src", help="HF directory, GGUF file, checkpoint or registry name")
+    c.add_argument("--out", required=True, help="output directory (must not exist or be empty)")
+    c.add_argument("--to", choices=["orbax", "hf"], default="orbax")
+    c.add_argument("--dtype", choices=["float32", "bfloat16", "float16"])
+    c.set_defaults(func=cmd_convert)
+
+    i = sub.add_parser("inspect", help="list tensors, shapes, dtypes and config of a checkpoint")
+    i.add_argument("path")
+    i.add_argument("--json", action="store_true")
+    i.set_defaults(func=cmd_inspect)
+
+    f = sub.add_parser("fetch", help="download and verify a registry model or data set")
+    f.add_argument("name", nargs="?")
+    f.add_argument("--list", action="store_true", help="list the registry")
+    f.add_argument("--verify", action="store_true", help="re-hash a cached file")
+    f.add_argument("--quiet", action="store_true")
+    f.set_defaults(func=cmd_fetch)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    if hasattr(signal, "SIGPIPE"):  # `jaxspec inspect ... | head` ends quietly
+        signal.signal(signal.SIGPIPE, signal.SIG_DFL)
+    args = build_parser().parse_args(argv)
+    try:
+        return args.func(args)
+    except _user_errors() as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())
