@@ -27,6 +27,7 @@ length advances by their count. Padding tokens are never written.
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 from typing import Any
 
@@ -40,6 +41,31 @@ from .config import ModelConfig, rope_inv_freq
 
 Params = dict[str, Any]
 _MASK_VALUE = -0.7 * float(np.finfo(np.float32).max)
+
+
+@dataclasses.dataclass(frozen=True)
+class AttnCapture:
+    """What attention to return from ``forward`` (static): the softmax probabilities (fp32, over every key
+    the query sees) of ``num_queries`` selected new tokens, per layer, against all keys — the cache slots
+    ``[0, S)`` followed by the new tokens ``[S, S + T)`` — reduced inside the layer so that no full
+    attention map is materialised.
+
+    ``group``: reduce over the query heads of each KV group: "max", "mean", "sum" or "none" (keep all
+    query heads). ``queries``: reduce over the selected queries, each multiplied by its weight first:
+    "max", "mean", "sum" or "none". The selected queries are given at call time as
+    ``capture_index [B, num_queries]`` (indices into T) and optional ``capture_weight [B, num_queries]``.
+    Output ``aux["attn"]``: ``[L, B, Hkv or Hq, (num_queries,) S + T]``.
+    """
+
+    num_queries: int
+    group: str = "max"
+    queries: str = "max"
+
+
+def _reduce(x, how: str, axis: int):
+    if how == "none":
+        return x
+    return {"max": jnp.max, "mean": jnp.mean, "sum": jnp.sum}[how](x, axis=axis)
 
 
 class RMSNorm(nn.Module):
@@ -78,9 +104,10 @@ def _dense(cfg: ModelConfig, features: int, name: str, use_bias: bool = False):
 
 class Attention(nn.Module):
     cfg: ModelConfig
+    capture: AttnCapture | None = None
 
     @nn.compact
-    def __call__(self, x, cos, sin, positions, new_mask, cache_k, cache_v, cache_pos, cache_len):
+    def __call__(self, x, cos, sin, positions, new_mask, cache_k, cache_v, cache_pos, cache_len, cap_index, cap_weight):
         cfg = self.cfg
         B, T, _ = x.shape
         H, Hk, hd, G = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim, cfg.group_size
@@ -118,7 +145,23 @@ class Attention(nn.Module):
         out = out + jnp.einsum("bhgts,bhsd->bhgtd", p_new.astype(cfg.jnp_dtype), vn)
         out = (out / denom.astype(out.dtype)).transpose(0, 3, 1, 2, 4).reshape(B, T, H * hd)
         out = _dense(cfg, cfg.hidden_size, "o_proj")(out)
-        return out, kn, vn
+        captured = None
+        if self.capture is not None:
+            captured = self._captured(s_old, s_new, m, denom, cap_index, cap_weight)
+        return out, kn, vn, captured
+
+    def _captured(self, s_old, s_new, m, denom, cap_index, cap_weight):
+        """Probabilities of the selected query rows, reduced as ``self.capture`` says."""
+        cap = self.capture
+        rows = lambda a: jnp.take_along_axis(a, cap_index[:, None, None, :, None], axis=3)  # noqa: E731
+        probs = jnp.concatenate([jnp.exp(rows(s_old) - rows(m)), jnp.exp(rows(s_new) - rows(m))], -1) / rows(denom)
+        if cap_weight is not None:
+            probs = probs * cap_weight[:, None, None, :, None]
+        B, Hk, G, Wq, K = probs.shape
+        probs = _reduce(probs, cap.group, axis=2)
+        if cap.group == "none":
+            probs = probs.reshape(B, Hk * G, Wq, K)
+        return _reduce(probs, cap.queries, axis=2)
 
 
 class MLP(nn.Module):
@@ -136,25 +179,29 @@ class Block(nn.Module):
     """One decoder layer; scanned over the stacked layer axis. carry = hidden state."""
 
     cfg: ModelConfig
+    capture: AttnCapture | None = None
 
     @nn.compact
-    def __call__(self, x, layer_cache, cos, sin, positions, new_mask, cache_len):
+    def __call__(self, x, layer_cache, cos, sin, positions, new_mask, cache_len, cap_index, cap_weight):
         cfg = self.cfg
         ck, cv, cpos = layer_cache
         norm = functools.partial(RMSNorm, cfg.rms_norm_eps, cfg.jnp_dtype, cfg.jnp_param_dtype)
-        h, kn, vn = Attention(cfg, name="self_attn")(
-            norm(name="input_layernorm")(x), cos, sin, positions, new_mask, ck, cv, cpos, cache_len
+        h, kn, vn, captured = Attention(cfg, self.capture, name="self_attn")(
+            norm(name="input_layernorm")(x), cos, sin, positions, new_mask, ck, cv, cpos, cache_len,
+            cap_index, cap_weight,
         )
         x = x + h
         x = x + MLP(cfg, name="mlp")(norm(name="post_attention_layernorm")(x))
-        return x, (kn, vn)
+        return x, (kn, vn, captured)
 
 
 class Transformer(nn.Module):
     cfg: ModelConfig
+    capture: AttnCapture | None = None
 
     @nn.compact
-    def __call__(self, tokens, positions, cache_k, cache_v, cache_pos, cache_len, new_mask, last_index):
+    def __call__(self, tokens, positions, cache_k, cache_v, cache_pos, cache_len, new_mask, last_index,
+                 cap_index=None, cap_weight=None):
         cfg = self.cfg
         embed = nn.Embed(
             cfg.vocab_size, cfg.hidden_size, dtype=cfg.jnp_dtype, param_dtype=cfg.jnp_param_dtype,
@@ -166,11 +213,11 @@ class Transformer(nn.Module):
             Block,
             variable_axes={"params": 0},
             split_rngs={"params": True},
-            in_axes=(0, nn.broadcast, nn.broadcast, nn.broadcast, nn.broadcast, nn.broadcast),
+            in_axes=(0,) + (nn.broadcast,) * 7,
             length=cfg.num_layers,
         )
-        x, (new_k, new_v) = Scan(cfg, name="layers")(
-            x, (cache_k, cache_v, cache_pos), cos, sin, positions, new_mask, cache_len
+        x, (new_k, new_v, captured) = Scan(cfg, self.capture, name="layers")(
+            x, (cache_k, cache_v, cache_pos), cos, sin, positions, new_mask, cache_len, cap_index, cap_weight
         )
         if last_index is not None:
             x = jnp.take_along_axis(x, last_index[:, None, None], axis=1)[:, 0]
@@ -179,7 +226,7 @@ class Transformer(nn.Module):
             logits = embed.attend(x)
         else:
             logits = _dense(cfg, cfg.vocab_size, "lm_head")(x)
-        return logits.astype(jnp.float32), new_k, new_v
+        return logits.astype(jnp.float32), new_k, new_v, captured
 
 
 def init_params(cfg: ModelConfig, rng=None, scale: float = 0.02) -> Params:
@@ -205,20 +252,28 @@ def causal_mask(positions):
     return (positions[:, None, :] >= 0) & (positions[:, None, :] <= positions[:, :, None])
 
 
-def forward(params: Params, cfg: ModelConfig, tokens, positions, cache, *, mask_info=None, last_only=False):
+def forward(params: Params, cfg: ModelConfig, tokens, positions, cache, *, mask_info=None, last_only=False,
+            capture: AttnCapture | None = None, capture_index=None, capture_weight=None):
     """Run the model over ``tokens [B, T]`` at ``positions [B, T]`` (``-1`` = padding).
 
     Returns ``(logits, new_cache, aux)``: logits are ``[B, T, V]``, or ``[B, V]`` for the last valid
     token of each row when ``last_only``; ``aux`` holds ``num_new [B]`` (tokens written).
     ``mask_info`` is an optional ``[B, T, T]`` boolean mask among the new tokens (tree attention);
-    by default new tokens attend causally by position.
+    by default new tokens attend causally by position. ``capture`` (static) with ``capture_index``
+    (and optional ``capture_weight``) adds ``aux["attn"]``, see ``AttnCapture``.
     """
     positions = positions.astype(jnp.int32)
     new_mask = causal_mask(positions) if mask_info is None else (mask_info & (positions[:, None, :] >= 0))
     last_index = jnp.argmax(positions, axis=1) if last_only else None
-    logits, new_k, new_v = Transformer(cfg).apply(
+    if (capture is None) != (capture_index is None):
+        raise ValueError("capture and capture_index go together")
+    logits, new_k, new_v, captured = Transformer(cfg, capture).apply(
         {"params": params},
         tokens.astype(jnp.int32), positions, cache.k, cache.v, cache.pos, cache.length, new_mask, last_index,
+        capture_index, capture_weight,
     )
     new_cache = cache.append(new_k, new_v, positions)
-    return logits, new_cache, {"num_new": (positions >= 0).sum(axis=1).astype(jnp.int32)}
+    aux = {"num_new": (positions >= 0).sum(axis=1).astype(jnp.int32)}
+    if capture is not None:
+        aux["attn"] = captured
+    return logits, new_cache, aux
