@@ -117,15 +117,25 @@ def generate_tokens(
     max_steps: int,
     pad_id: int = 0,
 ) -> GenerationOutput:
-    """Prefill the prompts into ``cache`` then decode until every row stops.
-
-    A row stops on a stop id (the stop token is emitted), after ``max_new_tokens`` tokens, or when its
-    cache is full (``cache_full``: the next token would need a slot the cache does not have).
-    """
+    """Prefill the right-padded prompts into ``cache``, then ``decode_loop``."""
     B, T = prompt_tokens.shape
-    capacity = cache.capacity
     positions = jnp.where(jnp.arange(T)[None, :] < prompt_lengths[:, None], jnp.arange(T)[None, :], -1)
     logits, cache, _ = forward(params, cfg, prompt_tokens, positions, cache, last_only=True)
+    return decode_loop(params, cfg, cache, logits, prompt_lengths, rng, max_new_tokens, stop_ids, sampling,
+                       max_steps=max_steps, pad_id=pad_id)
+
+
+def decode_loop(params, cfg: ModelConfig, cache: KVCache, logits, next_pos, rng, max_new_tokens, stop_ids,
+                sampling: Sampling, *, max_steps: int, pad_id: int = 0) -> GenerationOutput:
+    """Sample the first token from ``logits [B, V]`` (the prefill's last position), then decode until every
+    row stops. Traceable: called inside the jitted pipelines (plain generation, compressed caches).
+
+    ``next_pos [B]`` is the RoPE position of the first generated token. A row stops on a stop id (the stop
+    token is emitted), after ``max_new_tokens`` tokens, or when its cache is full (``cache_full``: the next
+    token would need a slot the cache does not have).
+    """
+    B = logits.shape[0]
+    capacity = cache.capacity
     first = sample_logits(logits, jax.random.fold_in(rng, 0), sampling)
     jax.debug.callback(PREFILL_CLOCK.mark, first)  # host timestamp when the first token exists
 
@@ -137,7 +147,6 @@ def generate_tokens(
     out = jnp.full((B, max_steps), pad_id, jnp.int32).at[:, 0].set(first)
     n_out = jnp.ones((B,), jnp.int32)
     reason = finished(first, n_out, jnp.full((B,), RUNNING, jnp.int32))
-    next_pos = prompt_lengths.astype(jnp.int32)
 
     def cond(state):
         step, _, _, reason, _, _, _ = state
@@ -156,7 +165,7 @@ def generate_tokens(
         reason = jnp.where(live, finished(nxt, n_out, reason), reason)
         return step + 1, out, n_out, reason, jnp.where(live, nxt, cur), pos + live, cache
 
-    state = (jnp.int32(1), out, n_out, reason, first, next_pos, cache)
+    state = (jnp.int32(1), out, n_out, reason, first, next_pos.astype(jnp.int32), cache)
     _, out, n_out, reason, _, _, cache = lax.while_loop(cond, body, state)
     return GenerationOutput(tokens=out, num_generated=n_out, finish_reason=reason, cache=cache)
 
