@@ -22,7 +22,7 @@ from pathlib import Path
 import jax
 
 from jaxspec.models.config import ModelConfig, RopeScaling
-from jaxspec.models.transformer import param_shapes
+from jaxspec.models.transformer import param_shapes, stack_layers
 
 MARKER = "jaxspec.json"
 FORMAT = "jaxspec-orbax"
@@ -57,7 +57,7 @@ def save_checkpoint(out_dir: str | os.PathLike, cfg: ModelConfig, params, tokeni
     tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", dir=out_dir.parent))
     try:
         with ocp.StandardCheckpointer() as ckptr:
-            ckptr.save(tmp / "params", params)
+            ckptr.save(tmp / "params", stack_layers(params))
             ckptr.wait_until_finished()
         if tokenizer is not None:
             tokenizer.save(tmp / "tokenizer")

@@ -20,7 +20,7 @@ from safetensors import safe_open
 from safetensors.numpy import save_file
 
 from jaxspec.models.config import ModelConfig
-from jaxspec.models.transformer import param_shapes
+from jaxspec.models.transformer import param_shapes, stack_layers
 
 
 class CheckpointError(ValueError):
@@ -179,7 +179,7 @@ def load_hf(model_dir: str | os.PathLike, dtype: str | None = None, put=None) ->
 
 def hf_state_dict(cfg: ModelConfig, params: dict) -> dict[str, np.ndarray]:
     """HF tensor name -> numpy array, the inverse of ``load_hf_params``."""
-    flat = flatten(params)
+    flat = flatten(stack_layers(params))
     out: dict[str, np.ndarray] = {}
     for path, name, transpose, _shape, _dtype in _table(cfg):
         a = np.asarray(flat[path])

@@ -40,14 +40,13 @@ def _orbax(path: Path) -> dict:
 
 
 def _gguf(path: Path) -> dict:
-    from jaxspec.conversion.gguf import gguf_config, inspect_gguf, read_gguf_metadata
+    from jaxspec.conversion.gguf import GGUFFile, config_from_gguf
 
-    meta = read_gguf_metadata(path)
-    tensors = [{"name": n, "dtype": t, "shape": list(s)} for n, t, s in inspect_gguf(path)]
-    info = {"format": f"gguf v{meta.get('GGUF.version', '?')}", "tensors": tensors,
-            "metadata": {k: v for k, v in meta.items() if not isinstance(v, list) or len(v) <= 16}}
-    info["config"] = dataclasses.asdict(gguf_config(meta))
-    return info
+    f = GGUFFile(path)
+    tensors = [{"name": t.name, "dtype": t.ggml_type.name, "shape": list(t.shape)} for t in f.tensors.values()]
+    return {"format": f"gguf v{f.version}", "config": dataclasses.asdict(config_from_gguf(f.metadata, f.tensors)),
+            "metadata": {k: v for k, v in f.metadata.items() if not isinstance(v, list) or len(v) <= 16},
+            "tensors": tensors}
 
 
 def inspect_path(path: str | os.PathLike) -> dict:

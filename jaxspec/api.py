@@ -15,6 +15,7 @@ import numpy as np
 from jaxspec.cache import KVCache
 from jaxspec.generation import FINISH_NAMES, PREFILL_CLOCK, Sampling, bucket, generate_tokens, pad_prompts
 from jaxspec.models.config import ModelConfig
+from jaxspec.models.transformer import unstack_layers
 
 
 class InputError(ValueError):
@@ -32,11 +33,17 @@ class Model:
     load_seconds: float = 0.0
 
 
-def load(path: str | os.PathLike, *, dtype: str | None = None, quiet: bool = False) -> Model:
+def load(path: str | os.PathLike, *, dtype: str | None = None, quiet: bool = False,
+         layout: str | None = None) -> Model:
     """Load a model from an HF directory, a GGUF file, a ``jaxspec convert`` checkpoint, or a registry name.
 
     ``dtype`` overrides the compute/param dtype (default float32; "bfloat16" for TPU/GPU).
+    ``layout``: "unstacked" (one weight set per layer, unrolled — the default on CPU, where XLA copies
+    scanned weight slices) or "stacked" (``nn.scan`` over ``[L, ...]`` weights — the default elsewhere).
     """
+    layout = layout or ("unstacked" if jax.default_backend() == "cpu" else "stacked")
+    if layout not in ("stacked", "unstacked"):
+        raise InputError(f"layout must be 'stacked' or 'unstacked', got {layout!r}")
     from jaxspec.conversion import checkpoint, hf
     from jaxspec.fetch import resolve_model
 
@@ -63,6 +70,8 @@ def load(path: str | os.PathLike, *, dtype: str | None = None, quiet: bool = Fal
     else:
         cfg, params = hf.load_hf(path, dtype=dtype)
         tok = _maybe_tokenizer(path)
+    if layout == "unstacked":
+        params = unstack_layers(params)
     return Model(cfg, params, tok, source=str(path), load_seconds=time.perf_counter() - t0)
 
 

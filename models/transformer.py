@@ -2,7 +2,8 @@
 
 Flax linen modules, applied functionally: parameters are a plain nested dict (pytree), the KV cache
 is an explicit input and output, and the layers run as an ``nn.scan`` over stacked weights.
-Draft and target models use this same ``forward``.
+Draft and target models use this same ``forward``. The same modules also run unrolled over per-layer
+weights (``unstack_layers``): the layout ``jaxspec.load`` uses on CPU, where it is twice as fast.
 
 Parameter tree (stacked layer weights have a leading ``[L]`` axis; kernels are ``[in, out]``)::
 
@@ -198,6 +199,7 @@ class Block(nn.Module):
 class Transformer(nn.Module):
     cfg: ModelConfig
     capture: AttnCapture | None = None
+    scan: bool = True  # stacked layer weights + nn.scan; False: one weight set per layer, unrolled
 
     @nn.compact
     def __call__(self, tokens, positions, cache_k, cache_v, cache_pos, cache_len, new_mask, last_index,
@@ -209,16 +211,26 @@ class Transformer(nn.Module):
         )
         x = embed(tokens)
         cos, sin = rope_tables(cfg, positions)
-        Scan = nn.scan(
-            Block,
-            variable_axes={"params": 0},
-            split_rngs={"params": True},
-            in_axes=(0,) + (nn.broadcast,) * 7,
-            length=cfg.num_layers,
-        )
-        x, (new_k, new_v, captured) = Scan(cfg, self.capture, name="layers")(
-            x, (cache_k, cache_v, cache_pos), cos, sin, positions, new_mask, cache_len, cap_index, cap_weight
-        )
+        shared = (cos, sin, positions, new_mask, cache_len, cap_index, cap_weight)
+        if self.scan:
+            Scan = nn.scan(
+                Block,
+                variable_axes={"params": 0},
+                split_rngs={"params": True},
+                in_axes=(0,) + (nn.broadcast,) * 7,
+                length=cfg.num_layers,
+            )
+            x, (new_k, new_v, captured) = Scan(cfg, self.capture, name="layers")(
+                x, (cache_k, cache_v, cache_pos), *shared
+            )
+        else:
+            outs = []
+            for i in range(cfg.num_layers):
+                x, out = Block(cfg, self.capture, name=f"layers_{i}")(
+                    x, (cache_k[i], cache_v[i], cache_pos[i]), *shared
+                )
+                outs.append(out)
+            new_k, new_v, captured = jax.tree.map(lambda *a: jnp.stack(a), *outs)
         if last_index is not None:
             x = jnp.take_along_axis(x, last_index[:, None, None], axis=1)[:, 0]
         x = RMSNorm(cfg.rms_norm_eps, cfg.jnp_dtype, cfg.jnp_param_dtype, name="norm")(x)
@@ -247,6 +259,45 @@ def param_shapes(cfg: ModelConfig) -> Params:
     return jax.eval_shape(lambda: init_params(cfg))
 
 
+def is_stacked(params: Params) -> bool:
+    return "layers" in params
+
+
+def unstack_layers(params: Params) -> Params:
+    """Stacked ``layers/...[L, ...]`` -> ``layers_0 ... layers_{L-1}``, one buffer per layer.
+
+    The execution layout for CPU decode: XLA:CPU copies each layer's weights out of a stacked array
+    inside ``scan`` (a dynamic slice feeding a dot is not fused), which halves the effective memory
+    bandwidth of mat-vec decode. Leaves are split one at a time, so peak memory grows by one leaf.
+    """
+    if not is_stacked(params):
+        return params
+    out = {k: v for k, v in params.items() if k != "layers"}
+    stacked = params["layers"]
+    L = jax.tree.leaves(stacked)[0].shape[0]
+    per_layer: list[dict] = [{} for _ in range(L)]
+    for path, leaf in jax.tree_util.tree_flatten_with_path(stacked)[0]:
+        keys = [k.key for k in path]
+        for i in range(L):
+            node = per_layer[i]
+            for k in keys[:-1]:
+                node = node.setdefault(k, {})
+            node[keys[-1]] = leaf[i]
+    for i in range(L):
+        out[f"layers_{i}"] = per_layer[i]
+    return out
+
+
+def stack_layers(params: Params) -> Params:
+    """Inverse of ``unstack_layers``: the canonical (conversion and checkpoint) layout."""
+    if is_stacked(params):
+        return params
+    names = sorted((k for k in params if k.startswith("layers_")), key=lambda k: int(k.split("_")[1]))
+    out = {k: v for k, v in params.items() if not k.startswith("layers_")}
+    out["layers"] = jax.tree.map(lambda *a: jnp.stack(a), *[params[n] for n in names])
+    return out
+
+
 def causal_mask(positions):
     """[B, T, T]: new key k visible to new query q iff k is valid and pos_k <= pos_q."""
     return (positions[:, None, :] >= 0) & (positions[:, None, :] <= positions[:, :, None])
@@ -267,7 +318,7 @@ def forward(params: Params, cfg: ModelConfig, tokens, positions, cache, *, mask_
     last_index = jnp.argmax(positions, axis=1) if last_only else None
     if (capture is None) != (capture_index is None):
         raise ValueError("capture and capture_index go together")
-    logits, new_k, new_v, captured = Transformer(cfg, capture).apply(
+    logits, new_k, new_v, captured = Transformer(cfg, capture, scan=is_stacked(params)).apply(
         {"params": params},
         tokens.astype(jnp.int32), positions, cache.k, cache.v, cache.pos, cache.length, new_mask, last_index,
         capture_index, capture_weight,

@@ -1,5 +1,6 @@
 """Parity with transformers on tiny random models, fp32: logits and greedy continuations."""
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
@@ -38,3 +39,20 @@ def test_greedy_matches_transformers_generate(tiny_hf, name):
     res = jaxspec.generate(model, prompt, max_new_tokens=24, stop_ids=[])
     assert res.token_ids == ref
     assert res.finish_reason == "length"
+
+
+def test_stacked_and_unstacked_layouts_agree(tiny_hf):
+    from jaxspec.models.transformer import stack_layers, unstack_layers
+
+    d, _ = tiny_hf("qwen3-qknorm-headdim")
+    cfg, stacked = load_hf(d)
+    flat = unstack_layers(stacked)
+    assert "layers" not in flat and f"layers_{cfg.num_layers - 1}" in flat
+    ids = jnp.asarray(np.random.default_rng(3).integers(0, cfg.vocab_size, (1, 12)))
+    pos = jnp.arange(12)[None]
+    a = forward(stacked, cfg, ids, pos, KVCache.create(cfg, 1, 16))
+    b = forward(flat, cfg, ids, pos, KVCache.create(cfg, 1, 16))
+    np.testing.assert_allclose(a[0], b[0], atol=1e-5)  # same math, different XLA fusion
+    np.testing.assert_allclose(a[1].k, b[1].k, atol=1e-5)
+    restacked = stack_layers(flat)
+    assert all(bool((x == y).all()) for x, y in zip(jax.tree.leaves(restacked), jax.tree.leaves(stacked)))
