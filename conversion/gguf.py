@@ -14,7 +14,7 @@ Three layers, each usable alone:
    :class:`GGUFError` naming type and tensor.
 3. **Mapping** (:func:`load_gguf`): metadata → :class:`ModelConfig`, and tensors → the parameter
    tree of ``jaxspec.models.transformer`` by the table :data:`TENSOR_MAP`; per-layer tensors are
-   stacked on a leading ``[L]`` axis, ``(out, in)`` matrices become ``[in, out]`` kernels, and for
+   stacked on a leading ``[L]`` axis, matrices stay ``(out, in)`` (our layout too), and for
    arch ``llama`` the q/k rows are permuted from llama.cpp's adjacent-pair RoPE layout to rotate-half.
 """
 
@@ -263,28 +263,27 @@ def dequantize(t: GGUFTensor) -> np.ndarray:
 class TensorRule(NamedTuple):
     gguf: str  # tensor name; "{i}" = layer index (stacked on a leading [L] axis)
     path: tuple[str, ...]  # where it goes in the parameter tree
-    transpose: bool = False  # GGUF (out, in) matrix → our [in, out] kernel
     rope_heads: str | None = None  # arch llama: undo the adjacent-pair RoPE row order, per head
 
 
 TENSOR_MAP: tuple[TensorRule, ...] = (
     TensorRule("token_embd.weight", ("embed_tokens", "embedding")),
     TensorRule("blk.{i}.attn_norm.weight", ("layers", "input_layernorm", "scale")),
-    TensorRule("blk.{i}.attn_q.weight", ("layers", "self_attn", "q_proj", "kernel"), True, "num_heads"),
-    TensorRule("blk.{i}.attn_k.weight", ("layers", "self_attn", "k_proj", "kernel"), True, "num_kv_heads"),
-    TensorRule("blk.{i}.attn_v.weight", ("layers", "self_attn", "v_proj", "kernel"), True),
-    TensorRule("blk.{i}.attn_q.bias", ("layers", "self_attn", "q_proj", "bias"), False, "num_heads"),
-    TensorRule("blk.{i}.attn_k.bias", ("layers", "self_attn", "k_proj", "bias"), False, "num_kv_heads"),
+    TensorRule("blk.{i}.attn_q.weight", ("layers", "self_attn", "q_proj", "weight"), "num_heads"),
+    TensorRule("blk.{i}.attn_k.weight", ("layers", "self_attn", "k_proj", "weight"), "num_kv_heads"),
+    TensorRule("blk.{i}.attn_v.weight", ("layers", "self_attn", "v_proj", "weight")),
+    TensorRule("blk.{i}.attn_q.bias", ("layers", "self_attn", "q_proj", "bias"), "num_heads"),
+    TensorRule("blk.{i}.attn_k.bias", ("layers", "self_attn", "k_proj", "bias"), "num_kv_heads"),
     TensorRule("blk.{i}.attn_v.bias", ("layers", "self_attn", "v_proj", "bias")),
     TensorRule("blk.{i}.attn_q_norm.weight", ("layers", "self_attn", "q_norm", "scale")),
     TensorRule("blk.{i}.attn_k_norm.weight", ("layers", "self_attn", "k_norm", "scale")),
-    TensorRule("blk.{i}.attn_output.weight", ("layers", "self_attn", "o_proj", "kernel"), True),
+    TensorRule("blk.{i}.attn_output.weight", ("layers", "self_attn", "o_proj", "weight")),
     TensorRule("blk.{i}.ffn_norm.weight", ("layers", "post_attention_layernorm", "scale")),
-    TensorRule("blk.{i}.ffn_gate.weight", ("layers", "mlp", "gate_proj", "kernel"), True),
-    TensorRule("blk.{i}.ffn_up.weight", ("layers", "mlp", "up_proj", "kernel"), True),
-    TensorRule("blk.{i}.ffn_down.weight", ("layers", "mlp", "down_proj", "kernel"), True),
+    TensorRule("blk.{i}.ffn_gate.weight", ("layers", "mlp", "gate_proj", "weight")),
+    TensorRule("blk.{i}.ffn_up.weight", ("layers", "mlp", "up_proj", "weight")),
+    TensorRule("blk.{i}.ffn_down.weight", ("layers", "mlp", "down_proj", "weight")),
     TensorRule("output_norm.weight", ("norm", "scale")),
-    TensorRule("output.weight", ("lm_head", "kernel"), True),  # absent from the tree when tied
+    TensorRule("output.weight", ("lm_head", "weight")),  # absent from the tree when tied
 )
 _PERMUTED_ARCHS = ("llama",)  # llama.cpp stores q/k of these in Meta's adjacent-pair RoPE layout
 
@@ -296,18 +295,14 @@ def _rotate_half_order(n_rows: int, n_heads: int) -> np.ndarray:
     return np.arange(n_rows).reshape(n_heads, 2, hd // 2).swapaxes(1, 2).reshape(-1)
 
 
-def _fill(dst: np.ndarray, t: GGUFTensor, transpose: bool, order: np.ndarray | None) -> None:
-    """Dequantise ``t`` into ``dst`` (shaped like ``t``, or its transpose), moving source row ``r``
-    to row ``order[r]``; chunked, so a transposed write is a cache-friendly blocked transpose."""
+def _fill(dst: np.ndarray, t: GGUFTensor, order: np.ndarray | None) -> None:
+    """Dequantise ``t`` into ``dst`` (shaped like ``t``) chunk by chunk, moving source row ``r`` to
+    row ``order[r]``."""
     if len(t.shape) == 1:
         dst[slice(None) if order is None else order] = dequantize(t)
         return
     for rows, values in _row_chunks(t):
-        idx = rows if order is None else order[rows]
-        if transpose:
-            dst[:, idx] = values.T
-        else:
-            dst[idx] = values
+        dst[rows if order is None else order[rows]] = values
 
 
 def _meta(meta: dict[str, Any], key: str, kind: type, default: Any = ...) -> Any:
@@ -394,7 +389,7 @@ def _build_params(f: GGUFFile, cfg: ModelConfig) -> dict[str, Any]:
             continue
         stacked = "{i}" in rule.gguf
         one_shape = node.shape[1:] if stacked else node.shape
-        want = tuple(one_shape[::-1] if rule.transpose else one_shape)
+        want = tuple(one_shape)
         out = np.empty(node.shape, cfg.jnp_param_dtype)
         for i in range(cfg.num_layers) if stacked else (None,):
             name = rule.gguf.format(i=i)
@@ -406,7 +401,7 @@ def _build_params(f: GGUFFile, cfg: ModelConfig) -> dict[str, Any]:
             order = None
             if permute and rule.rope_heads:
                 order = _rotate_half_order(t.shape[0], getattr(cfg, rule.rope_heads))
-            _fill(out[i] if stacked else out, t, rule.transpose, order)
+            _fill(out[i] if stacked else out, t, order)
         sub = params
         for key in rule.path[:-1]:
             sub = sub.setdefault(key, {})

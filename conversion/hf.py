@@ -1,9 +1,9 @@
 """HuggingFace safetensors checkpoints <-> jaxspec params.
 
 The mapping is data: ``KEY_TABLE`` pairs each jaxspec parameter path with its HF tensor name (``{i}``
-for the layer index) and whether the matrix is transposed (HF ``Linear`` stores ``[out, in]``; our
-kernels are ``[in, out]``). Import streams one tensor at a time from single-file or sharded
-(``model.safetensors.index.json``) checkpoints; pickled ``*.bin`` checkpoints are refused.
+for the layer index). Both sides store matrices ``[out, in]``, so tensors are copied as they are.
+Import streams one tensor at a time from single-file or sharded (``model.safetensors.index.json``)
+checkpoints; pickled ``*.bin`` checkpoints are refused.
 """
 
 from __future__ import annotations
@@ -27,25 +27,25 @@ class CheckpointError(ValueError):
     """A checkpoint that cannot be loaded: missing files, missing or misshapen tensors."""
 
 
-# (our path, HF name, transpose). Layer entries carry "{i}" and are stacked on a leading [L] axis.
-KEY_TABLE: tuple[tuple[str, str, bool], ...] = (
-    ("embed_tokens/embedding", "model.embed_tokens.weight", False),
-    ("layers/input_layernorm/scale", "model.layers.{i}.input_layernorm.weight", False),
-    ("layers/self_attn/q_proj/kernel", "model.layers.{i}.self_attn.q_proj.weight", True),
-    ("layers/self_attn/k_proj/kernel", "model.layers.{i}.self_attn.k_proj.weight", True),
-    ("layers/self_attn/v_proj/kernel", "model.layers.{i}.self_attn.v_proj.weight", True),
-    ("layers/self_attn/o_proj/kernel", "model.layers.{i}.self_attn.o_proj.weight", True),
-    ("layers/self_attn/q_proj/bias", "model.layers.{i}.self_attn.q_proj.bias", False),
-    ("layers/self_attn/k_proj/bias", "model.layers.{i}.self_attn.k_proj.bias", False),
-    ("layers/self_attn/v_proj/bias", "model.layers.{i}.self_attn.v_proj.bias", False),
-    ("layers/self_attn/q_norm/scale", "model.layers.{i}.self_attn.q_norm.weight", False),
-    ("layers/self_attn/k_norm/scale", "model.layers.{i}.self_attn.k_norm.weight", False),
-    ("layers/post_attention_layernorm/scale", "model.layers.{i}.post_attention_layernorm.weight", False),
-    ("layers/mlp/gate_proj/kernel", "model.layers.{i}.mlp.gate_proj.weight", True),
-    ("layers/mlp/up_proj/kernel", "model.layers.{i}.mlp.up_proj.weight", True),
-    ("layers/mlp/down_proj/kernel", "model.layers.{i}.mlp.down_proj.weight", True),
-    ("norm/scale", "model.norm.weight", False),
-    ("lm_head/kernel", "lm_head.weight", True),
+# (our path, HF name). Layer entries carry "{i}" and are stacked on a leading [L] axis.
+KEY_TABLE: tuple[tuple[str, str], ...] = (
+    ("embed_tokens/embedding", "model.embed_tokens.weight"),
+    ("layers/input_layernorm/scale", "model.layers.{i}.input_layernorm.weight"),
+    ("layers/self_attn/q_proj/weight", "model.layers.{i}.self_attn.q_proj.weight"),
+    ("layers/self_attn/k_proj/weight", "model.layers.{i}.self_attn.k_proj.weight"),
+    ("layers/self_attn/v_proj/weight", "model.layers.{i}.self_attn.v_proj.weight"),
+    ("layers/self_attn/o_proj/weight", "model.layers.{i}.self_attn.o_proj.weight"),
+    ("layers/self_attn/q_proj/bias", "model.layers.{i}.self_attn.q_proj.bias"),
+    ("layers/self_attn/k_proj/bias", "model.layers.{i}.self_attn.k_proj.bias"),
+    ("layers/self_attn/v_proj/bias", "model.layers.{i}.self_attn.v_proj.bias"),
+    ("layers/self_attn/q_norm/scale", "model.layers.{i}.self_attn.q_norm.weight"),
+    ("layers/self_attn/k_norm/scale", "model.layers.{i}.self_attn.k_norm.weight"),
+    ("layers/post_attention_layernorm/scale", "model.layers.{i}.post_attention_layernorm.weight"),
+    ("layers/mlp/gate_proj/weight", "model.layers.{i}.mlp.gate_proj.weight"),
+    ("layers/mlp/up_proj/weight", "model.layers.{i}.mlp.up_proj.weight"),
+    ("layers/mlp/down_proj/weight", "model.layers.{i}.mlp.down_proj.weight"),
+    ("norm/scale", "model.norm.weight"),
+    ("lm_head/weight", "lm_head.weight"),
 )
 
 
@@ -75,16 +75,16 @@ def expected_shapes(cfg: ModelConfig) -> dict[str, tuple[tuple[int, ...], np.dty
     return {p: (tuple(s.shape), np.dtype(s.dtype)) for p, s in flatten(param_shapes(cfg)).items()}
 
 
-def _table(cfg: ModelConfig) -> Iterator[tuple[str, str, bool, tuple[int, ...], np.dtype]]:
+def _table(cfg: ModelConfig) -> Iterator[tuple[str, str, tuple[int, ...], np.dtype]]:
     shapes = expected_shapes(cfg)
-    known = {path for path, _, _ in KEY_TABLE}
+    known = {path for path, _ in KEY_TABLE}
     extra = set(shapes) - known
     if extra:  # a param the table forgot: a bug in this module, not in the user's checkpoint
         raise AssertionError(f"KEY_TABLE lacks {sorted(extra)}")
-    for path, name, transpose in KEY_TABLE:
+    for path, name in KEY_TABLE:
         if path in shapes:
             shape, dtype = shapes[path]
-            yield path, name, transpose, shape, dtype
+            yield path, name, shape, dtype
 
 
 class _SafetensorsDir:
@@ -141,29 +141,25 @@ def load_hf_params(model_dir: str | os.PathLike, cfg: ModelConfig, put=None) -> 
     src = _SafetensorsDir(Path(model_dir))
     flat: dict[str, Any] = {}
     try:
-        for path, name, transpose, shape, dtype in _table(cfg):
+        for path, name, shape, dtype in _table(cfg):
             if "{i}" not in name:
-                flat[path] = put(path, _read(src, name, transpose, shape, dtype))
+                flat[path] = put(path, _read(src, name, shape, dtype))
                 continue
             out = np.empty(shape, dtype)
             for i in range(cfg.num_layers):
-                out[i] = _read(src, name.format(i=i), transpose, shape[1:], dtype)
+                out[i] = _read(src, name.format(i=i), shape[1:], dtype)
             flat[path] = put(path, out)
     finally:
         src.close()
     return unflatten(flat)
 
 
-def _read(src: _SafetensorsDir, name: str, transpose: bool, shape, dtype) -> np.ndarray:
+def _read(src: _SafetensorsDir, name: str, shape, dtype) -> np.ndarray:
     if name not in src:
         raise CheckpointError(f"checkpoint lacks tensor {name!r}")
     t = src.get(name)
-    if transpose:
-        t = t.T
     if tuple(t.shape) != tuple(shape):
-        want = tuple(reversed(shape)) if transpose else tuple(shape)
-        got = tuple(reversed(t.shape)) if transpose else tuple(t.shape)
-        raise CheckpointError(f"tensor {name!r} has shape {got}, expected {want}")
+        raise CheckpointError(f"tensor {name!r} has shape {tuple(t.shape)}, expected {tuple(shape)}")
     return np.asarray(t, dtype=dtype)
 
 
@@ -181,11 +177,11 @@ def hf_state_dict(cfg: ModelConfig, params: dict) -> dict[str, np.ndarray]:
     """HF tensor name -> numpy array, the inverse of ``load_hf_params``."""
     flat = flatten(stack_layers(params))
     out: dict[str, np.ndarray] = {}
-    for path, name, transpose, _shape, _dtype in _table(cfg):
+    for path, name, _shape, _dtype in _table(cfg):
         a = np.asarray(flat[path])
         layers = [(name.format(i=i), a[i]) for i in range(cfg.num_layers)] if "{i}" in name else [(name, a)]
         for n, t in layers:
-            out[n] = np.ascontiguousarray(t.T if transpose else t)
+            out[n] = np.ascontiguousarray(t)
     return out
 
 

@@ -74,7 +74,7 @@ def test_stories260k_config_and_inspect():
     assert cfg.tie_word_embeddings and "lm_head" not in params  # output.weight == token_embd.weight
     assert (cfg.bos_token_id, cfg.eos_token_ids) == (1, (2,))
     assert (cfg.rms_norm_eps, cfg.rope_theta) == (1e-5, 10000.0)
-    assert params["layers"]["self_attn"]["k_proj"]["kernel"].shape == (5, 64, 32)
+    assert params["layers"]["self_attn"]["k_proj"]["weight"].shape == (5, 32, 64)
     assert read_gguf_metadata(path) == meta
     assert GGUFFile(path).version == 1
     cfg16, params16, _ = load_gguf(path, dtype="bfloat16")
