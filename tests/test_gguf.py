@@ -407,39 +407,3 @@ def test_missing_or_misshapen_tensor(tmp_path, case, match):
                            override={"blk.0.attn_k.weight": (Q.F32, k)})
     with pytest.raises(GGUFError, match=match):
         load_gguf(path)
-
-
-# ------------------------------------------------------------------------------- real weights
-def _cached(name: str) -> Path:
-    from jaxspec.fetch import target_path
-
-    path = target_path(name)
-    if not path.is_file():
-        pytest.skip(f"{name} is not in the cache ({path}); fetch it with jaxspec.fetch.fetch({name!r})")
-    return path
-
-
-@pytest.mark.real
-@pytest.mark.parametrize("name", ["smollm2-135m-instruct", "qwen2.5-coder-0.5b-instruct"])
-def test_real_model_matches_transformers(name):
-    torch = pytest.importorskip("torch")
-    transformers = pytest.importorskip("transformers")
-
-    path = _cached(name)
-    cfg, params, _ = load_gguf(path)
-    tok = transformers.AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name)
-    text = ('def fibonacci(n):\n    """Return the n-th Fibonacci number."""\n    a, b = 0, 1\n'
-            "    for _ in range(n):\n        a, b = b, a + b\n    return a\n\n\nprint(fibonacci(10))\n")
-    ids = tok(text)["input_ids"][:40]
-    assert len(ids) == 40
-    ours = _logits(params, cfg, ids)
-    del params
-    ref_model = transformers.AutoModelForCausalLM.from_pretrained(
-        path.parent, gguf_file=path.name, dtype=torch.float32)
-    with torch.no_grad():
-        ref = ref_model(torch.tensor([ids])).logits[0].numpy()
-    assert ours.shape == ref.shape
-    assert (ours.argmax(-1) == ref.argmax(-1)).all()
-    ref_lp = jax.nn.log_softmax(ref, axis=-1)
-    kl = (np.exp(ref_lp) * (ref_lp - jax.nn.log_softmax(ours, axis=-1))).sum(-1)
-    assert float(kl.max()) <= 1e-3
