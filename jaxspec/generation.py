@@ -120,7 +120,7 @@ def generate_tokens(
     """Prefill the right-padded prompts into ``cache``, then ``decode_loop``."""
     B, T = prompt_tokens.shape
     positions = jnp.where(jnp.arange(T)[None, :] < prompt_lengths[:, None], jnp.arange(T)[None, :], -1)
-    logits, cache, _ = forward(params, cfg, prompt_tokens, positions, cache, last_only=True)
+    logits, cache, _ = forward(params, cfg, prompt_tokens, positions, cache, last_only=True, empty_cache=True)
     return decode_loop(params, cfg, cache, logits, prompt_lengths, rng, max_new_tokens, stop_ids, sampling,
                        max_steps=max_steps, pad_id=pad_id)
 

@@ -124,6 +124,7 @@ def _dense(cfg: ModelConfig, features: int, name: str, use_bias: bool = False):
 class Attention(nn.Module):
     cfg: ModelConfig
     capture: AttnCapture | None = None
+    attend_cache: bool = True
 
     @nn.compact
     def __call__(self, x, cos, sin, positions, new_mask, cache_k, cache_v, cache_pos, cache_len, cap_index, cap_weight):
@@ -144,24 +145,28 @@ class Attention(nn.Module):
         kn = k.transpose(0, 2, 1, 3)
         vn = v.transpose(0, 2, 1, 3)
 
-        S = cache_k.shape[2]
-        s_old = jnp.einsum("bhgtd,bhsd->bhgts", qg, cache_k.astype(qg.dtype), preferred_element_type=jnp.float32)
-        slot = jnp.arange(S)
-        old_ok = (
-            (slot[None, None, :] < cache_len[:, None, None])  # [B,1,S]
-            & (cache_pos >= 0)  # [B,Hk,S]
-        )[:, :, None, :] & (cache_pos[:, :, None, :] <= positions[:, None, :, None])  # [B,Hk,T,S]
-        s_old = jnp.where(old_ok[:, :, None], s_old, _MASK_VALUE)
-
         s_new = jnp.einsum("bhgtd,bhsd->bhgts", qg, kn, preferred_element_type=jnp.float32)
         s_new = jnp.where(new_mask[:, None, None], s_new, _MASK_VALUE)
-
-        m = jnp.maximum(s_old.max(-1, keepdims=True), s_new.max(-1, keepdims=True))
-        p_old = jnp.exp(s_old - m)
+        S = cache_k.shape[2]
+        if self.attend_cache:
+            s_old = jnp.einsum("bhgtd,bhsd->bhgts", qg, cache_k.astype(qg.dtype), preferred_element_type=jnp.float32)
+            slot = jnp.arange(S)
+            old_ok = (
+                (slot[None, None, :] < cache_len[:, None, None])  # [B,1,S]
+                & (cache_pos >= 0)  # [B,Hk,S]
+            )[:, :, None, :] & (cache_pos[:, :, None, :] <= positions[:, None, :, None])  # [B,Hk,T,S]
+            s_old = jnp.where(old_ok[:, :, None], s_old, _MASK_VALUE)
+            m = jnp.maximum(s_old.max(-1, keepdims=True), s_new.max(-1, keepdims=True))
+        else:  # the caller promises an empty cache (a fresh prefill): skip the T x S half of the work
+            s_old = jnp.full(s_new.shape[:-1] + (S,), _MASK_VALUE, jnp.float32)
+            m = s_new.max(-1, keepdims=True)
         p_new = jnp.exp(s_new - m)
-        denom = p_old.sum(-1, keepdims=True) + p_new.sum(-1, keepdims=True)
-        out = jnp.einsum("bhgts,bhsd->bhgtd", p_old.astype(cfg.jnp_dtype), cache_v.astype(cfg.jnp_dtype))
-        out = out + jnp.einsum("bhgts,bhsd->bhgtd", p_new.astype(cfg.jnp_dtype), vn)
+        out = jnp.einsum("bhgts,bhsd->bhgtd", p_new.astype(cfg.jnp_dtype), vn)
+        denom = p_new.sum(-1, keepdims=True)
+        if self.attend_cache:
+            p_old = jnp.exp(s_old - m)
+            denom = denom + p_old.sum(-1, keepdims=True)
+            out = out + jnp.einsum("bhgts,bhsd->bhgtd", p_old.astype(cfg.jnp_dtype), cache_v.astype(cfg.jnp_dtype))
         out = (out / denom.astype(out.dtype)).transpose(0, 3, 1, 2, 4).reshape(B, T, H * hd)
         out = _dense(cfg, cfg.hidden_size, "o_proj")(out)
         captured = None
@@ -199,13 +204,14 @@ class Block(nn.Module):
 
     cfg: ModelConfig
     capture: AttnCapture | None = None
+    attend_cache: bool = True
 
     @nn.compact
     def __call__(self, x, layer_cache, cos, sin, positions, new_mask, cache_len, cap_index, cap_weight):
         cfg = self.cfg
         ck, cv, cpos = layer_cache
         norm = functools.partial(RMSNorm, cfg.rms_norm_eps, cfg.jnp_dtype, cfg.jnp_param_dtype)
-        h, kn, vn, captured = Attention(cfg, self.capture, name="self_attn")(
+        h, kn, vn, captured = Attention(cfg, self.capture, self.attend_cache, name="self_attn")(
             norm(name="input_layernorm")(x), cos, sin, positions, new_mask, ck, cv, cpos, cache_len,
             cap_index, cap_weight,
         )
@@ -218,6 +224,7 @@ class Transformer(nn.Module):
     cfg: ModelConfig
     capture: AttnCapture | None = None
     scan: bool = True  # stacked layer weights + nn.scan; False: one weight set per layer, unrolled
+    attend_cache: bool = True
 
     @nn.compact
     def __call__(self, tokens, positions, cache_k, cache_v, cache_pos, cache_len, new_mask, last_index,
@@ -238,13 +245,13 @@ class Transformer(nn.Module):
                 in_axes=(0,) + (nn.broadcast,) * 7,
                 length=cfg.num_layers,
             )
-            x, (new_k, new_v, captured) = Scan(cfg, self.capture, name="layers")(
+            x, (new_k, new_v, captured) = Scan(cfg, self.capture, self.attend_cache, name="layers")(
                 x, (cache_k, cache_v, cache_pos), *shared
             )
         else:
             outs = []
             for i in range(cfg.num_layers):
-                x, out = Block(cfg, self.capture, name=f"layers_{i}")(
+                x, out = Block(cfg, self.capture, self.attend_cache, name=f"layers_{i}")(
                     x, (cache_k[i], cache_v[i], cache_pos[i]), *shared
                 )
                 outs.append(out)
@@ -322,21 +329,22 @@ def causal_mask(positions):
 
 
 def forward(params: Params, cfg: ModelConfig, tokens, positions, cache, *, mask_info=None, last_only=False,
-            capture: AttnCapture | None = None, capture_index=None, capture_weight=None):
+            capture: AttnCapture | None = None, capture_index=None, capture_weight=None, empty_cache=False):
     """Run the model over ``tokens [B, T]`` at ``positions [B, T]`` (``-1`` = padding).
 
     Returns ``(logits, new_cache, aux)``: logits are ``[B, T, V]``, or ``[B, V]`` for the last valid
     token of each row when ``last_only``; ``aux`` holds ``num_new [B]`` (tokens written).
     ``mask_info`` is an optional ``[B, T, T]`` boolean mask among the new tokens (tree attention);
     by default new tokens attend causally by position. ``capture`` (static) with ``capture_index``
-    (and optional ``capture_weight``) adds ``aux["attn"]``, see ``AttnCapture``.
+    (and optional ``capture_weight``) adds ``aux["attn"]``, see ``AttnCapture``. ``empty_cache=True``
+    (static) promises that ``cache`` holds no entries yet — a fresh prefill — and skips attending to it.
     """
     positions = positions.astype(jnp.int32)
     new_mask = causal_mask(positions) if mask_info is None else (mask_info & (positions[:, None, :] >= 0))
     last_index = jnp.argmax(positions, axis=1) if last_only else None
     if (capture is None) != (capture_index is None):
         raise ValueError("capture and capture_index go together")
-    logits, new_k, new_v, captured = Transformer(cfg, capture, scan=is_stacked(params)).apply(
+    logits, new_k, new_v, captured = Transformer(cfg, capture, is_stacked(params), not empty_cache).apply(
         {"params": params},
         tokens.astype(jnp.int32), positions, cache.k, cache.v, cache.pos, cache.length, new_mask, last_index,
         capture_index, capture_weight,

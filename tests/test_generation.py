@@ -106,3 +106,14 @@ def test_sample_logits_distribution_top_p():
 def test_greedy_ties_pick_lowest_id():
     logits = jnp.array([[0.0, 2.0, 2.0, 1.0]])
     assert int(sample_logits(logits, jax.random.PRNGKey(0), Sampling.make())[0]) == 1
+
+
+def test_empty_cache_prefill_equals_general_path(model):
+    cfg = model.config
+    ids = jnp.asarray(np.random.default_rng(9).integers(0, cfg.vocab_size, (2, 10)))
+    pos = jnp.array([list(range(10)), list(range(7)) + [-1] * 3])
+    a, ca, _ = forward(model.params, cfg, ids, pos, KVCache.create(cfg, 2, 16))
+    b, cb, _ = forward(model.params, cfg, ids, pos, KVCache.create(cfg, 2, 16), empty_cache=True)
+    valid = np.asarray(pos) >= 0  # padding queries see no key: their outputs are don't-cares
+    np.testing.assert_allclose(np.asarray(a)[valid], np.asarray(b)[valid], atol=1e-5)
+    np.testing.assert_allclose(ca.k, cb.k, atol=1e-6)
