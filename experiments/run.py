@@ -1,0 +1,297 @@
+"""Evaluation runner: ``python -m experiments.run CONFIG.yaml [key=value ...]``.
+
+A config (see ``experiments/configs/``) names the target (and draft) model, the prompt format, the datasets
+with their tasks, lengths and sample counts, and the methods and budgets: the grid is every
+(task, length, sample) x (method, budget). ``key=value`` overrides set config entries by dotted path
+(``budgets=[128,256]``, ``datasets.0.samples=5``; values are parsed as YAML).
+
+The run directory (``out``) gets ``config.yaml`` (the resolved config), ``env.json`` (jax version, devices, git
+commit, machine), ``predictions.jsonl`` (one record per generated sample, appended and fsynced, keyed by
+(task, length, method, budget, index)) and ``metrics.json`` (``experiments.metrics.aggregate`` of every record).
+Killed and restarted with the same directory, a run skips the records already written (a half-written last
+line is dropped) and ends with every record exactly once. A restart may grow the grid (more samples, methods,
+budgets, lengths); it refuses a change of model, prompt format, seed or dataset options.
+
+Methods: an entry of ``methods`` is a name or ``{name, kind?, method?, params?, budgets?}``, turned into
+``jaxspec`` calls by ``method_runner``:
+
+* ``full``: plain ``jaxspec.generate`` (no budget);
+* ``kv``: a ``jaxspec.kv`` method (``method``, default ``name``; ``streamingllm``, ``snapkv``, ``speckv`` ...) with
+  ``capacity`` = the budget, through ``jaxspec.generate(kv=..., draft=...)``;
+* ``drafter``: speculative decoding (``jaxspec.speculative.generate_speculative``) with a registered drafter
+  (``ngram``, ``draft-model``; no budget); records carry accepted-length statistics.
+
+Without ``kind``: ``full`` for ``full``, ``kv`` for a ``jaxspec.kv`` method name, else ``drafter``. Budgets come from the
+method's own ``budgets`` or the config's; methods without a budget run once (budget null).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any, Callable
+
+import yaml
+
+REPO = Path(__file__).resolve().parents[1]
+IDENTITY = ("target", "draft", "dtype", "chat", "system", "seed", "max_new_tokens")  # fixed for a run directory
+
+
+def write_json(path: Path, obj: Any) -> None:
+    """Write ``obj`` as JSON atomically (temp file in the same folder, fsync, rename)."""
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
+    with os.fdopen(fd, "w") as f:
+        json.dump(obj, f, indent=2, default=str)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def write_text(path: Path, text: str) -> None:
+    """Write ``text`` atomically."""
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
+    with os.fdopen(fd, "w") as f:
+        f.write(text)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def set_path(cfg: dict, dotted: str, value: Any) -> None:
+    """Set ``cfg[a][b]...`` for ``dotted = "a.b..."`` (numeric parts index lists)."""
+    *head, last = dotted.split(".")
+    node = cfg
+    for part in head:
+        node = node[int(part)] if isinstance(node, list) else node.setdefault(part, {})
+    if isinstance(node, list):
+        node[int(last)] = value
+    else:
+        node[last] = value
+
+
+def load_config(path: str | Path, overrides: list[str] = ()) -> dict:
+    """The YAML config at ``path`` with ``key=value`` overrides applied, defaults filled in."""
+    cfg = yaml.safe_load(Path(path).read_text()) or {}
+    for item in overrides:
+        key, sep, value = item.partition("=")
+        if not sep:
+            raise ValueError(f"override {item!r} is not key=value")
+        set_path(cfg, key, yaml.safe_load(value))
+    for key in ("target", "datasets", "methods"):
+        if not cfg.get(key):
+            raise ValueError(f"config needs {key!r}")
+    cfg.setdefault("out", str(Path("runs") / Path(path).stem))
+    for key, default in (("draft", None), ("dtype", None), ("chat", True), ("system", None), ("seed", 42),
+                         ("max_new_tokens", None), ("samples", 10), ("budgets", [])):
+        cfg.setdefault(key, default)
+    return cfg
+
+
+def identity(cfg: dict) -> dict:
+    """What a run directory's records depend on besides the grid."""
+    return {**{k: cfg.get(k) for k in IDENTITY},
+            "datasets": [(d["name"], d.get("options") or {}, d.get("chat"), d.get("system")) for d in cfg["datasets"]]}
+
+
+def method_specs(cfg: dict) -> list[dict]:
+    """Normalised method entries: ``{name, kind, method, params, budgets}``."""
+    from jaxspec.kv import METHODS
+
+    out = []
+    for m in cfg["methods"]:
+        m = {"name": m} if isinstance(m, str) else dict(m)
+        kind = m.get("kind") or ("full" if m["name"] == "full" else "kv" if m.get("method", m["name"]) in METHODS
+                                 else "drafter")
+        if kind not in KINDS:
+            raise ValueError(f"method {m['name']!r}: unknown kind {kind!r} (one of {', '.join(KINDS)})")
+        budgets = m.get("budgets", cfg["budgets"]) if KINDS[kind][1] else []
+        out.append({"name": m["name"], "kind": kind, "method": m.get("method", m["name"]),
+                    "params": dict(m.get("params") or {}), "budgets": list(budgets) or [None]})
+    if len({m["name"] for m in out}) != len(out):
+        raise ValueError("method names must be unique")
+    return out
+
+
+def _full(spec, budget, target, draft):
+    import jaxspec
+
+    return lambda ids, n: jaxspec.generate(target, ids, max_new_tokens=n)
+
+
+def _kv(spec, budget, target, draft):
+    import jaxspec
+    from jaxspec.kv import make_method
+
+    method = make_method(spec["method"], **spec["params"], **({} if budget is None else {"capacity": budget}))
+    use_draft = draft if method.needs_draft else None
+    return lambda ids, n: jaxspec.generate(target, ids, max_new_tokens=n, kv=method, draft=use_draft)
+
+
+def _drafter(spec, budget, target, draft):
+    from jaxspec.drafters import make_drafter
+    from jaxspec.speculative import generate_speculative
+
+    drafter = make_drafter(spec["method"], **spec["params"])
+    return lambda ids, n: generate_speculative(target, ids, drafter, draft_model=draft, max_new_tokens=n)
+
+
+# kind -> (builder(spec, budget, target, draft) -> run(ids, max_new_tokens) -> GenerationResult, takes a budget)
+KINDS: dict[str, tuple[Callable, bool]] = {"full": (_full, False), "kv": (_kv, True), "drafter": (_drafter, False)}
+
+
+def method_runner(spec: dict, budget, target, draft):
+    """``run(ids, max_new_tokens) -> GenerationResult`` for a normalised method entry at ``budget``."""
+    return KINDS[spec["kind"]][0](spec, budget, target, draft)
+
+
+def record_key(task: str, length, method: str, budget, index: int) -> str:
+    return json.dumps([task, length, method, budget, index])
+
+
+def read_records(path: Path) -> list[dict]:
+    """Complete records of ``predictions.jsonl``; a half-written last line (a killed run) is cut off the file."""
+    if not path.exists():
+        return []
+    data = path.read_bytes()
+    end = data.rfind(b"\n") + 1
+    if end < len(data):
+        with open(path, "r+b") as f:
+            f.truncate(end)
+    return [json.loads(line) for line in data[:end].splitlines() if line.strip()]
+
+
+def append_record(f, record: dict) -> None:
+    f.write(json.dumps(record) + "\n")
+    f.flush()
+    os.fsync(f.fileno())
+
+
+def environment() -> dict:
+    """jax version, devices, git commit (and whether the tree is dirty), machine."""
+    import jax
+
+    def git(*args):
+        try:
+            return subprocess.run(["git", *args], cwd=REPO, capture_output=True, text=True, timeout=10).stdout.strip()
+        except (OSError, subprocess.SubprocessError):
+            return None
+
+    return {"jax": jax.__version__, "backend": jax.default_backend(), "devices": [str(d) for d in jax.devices()],
+            "git_commit": git("rev-parse", "HEAD"), "git_dirty": bool(git("status", "--porcelain")),
+            "machine": {"node": platform.node(), "platform": platform.platform(), "processor": platform.processor(),
+                        "cpus": os.cpu_count(), "python": sys.version.split()[0]},
+            "argv": sys.argv, "started": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
+
+
+def _resolve(value):
+    """A dataset option ``fetch:NAME`` becomes the path of the ``jaxspec fetch`` registry entry NAME."""
+    if isinstance(value, str) and value.startswith("fetch:"):
+        from jaxspec.fetch import fetch
+
+        return str(fetch(value[len("fetch:"):]))
+    return value
+
+
+def grid(cfg: dict):
+    """``(dataset entry, task, length, indices)`` for every dataset, task and length of the config."""
+    from experiments.data import dataset_module
+
+    for d in cfg["datasets"]:
+        module = dataset_module(d["name"])
+        for task in d.get("tasks") or list(module.TASKS):
+            for length in d.get("lengths") or [None]:
+                yield d, task, length, range(d.get("samples", cfg["samples"]))
+
+
+def result_record(sample, task, length, spec, budget, result, score) -> dict:
+    rec = {"key": record_key(task, length, spec["name"], budget, sample.index), "dataset": sample.dataset,
+           "task": task, "length": length, "method": spec["name"], "budget": budget, "index": sample.index,
+           "prompt_tokens": result.prompt_tokens, "new_tokens": len(result.token_ids),
+           "finish_reason": result.finish_reason, "prediction": result.text, "answers": sample.answers,
+           "score": score, "tokens_per_second": result.tokens_per_second, "timings": result.timings,
+           "meta": {k: v for k, v in sample.meta.items() if k != "all_classes"}}
+    if result.kv:
+        rec["kv"] = {k: result.kv[k] for k in ("compressed", "kv_bytes_kept", "kv_bytes_full") if k in result.kv}
+    if getattr(result, "accepted_per_step", None):
+        rec["accepted_mean"] = result.accepted_per_step["mean"]
+        rec["accepted_hist"] = result.accepted_per_step["histogram"]
+        rec["target_forwards"] = result.target_forwards
+    return rec
+
+
+def run(cfg: dict, *, on_record: Callable[[dict], None] | None = None, models: tuple | None = None) -> Path:
+    """Run (or resume) the grid of ``cfg``; returns the run directory. ``on_record`` is called after each
+    record is written; ``models`` = (target, draft) skips loading them."""
+    import jaxspec
+    from tqdm.auto import tqdm
+
+    from experiments import metrics
+    from experiments.data import PromptFormat, dataset_module
+
+    out = Path(cfg["out"])
+    out.mkdir(parents=True, exist_ok=True)
+    if (out / "config.yaml").exists():
+        old = yaml.safe_load((out / "config.yaml").read_text())
+        if identity(old) != identity(cfg):
+            raise ValueError(f"{out} holds a run of another model, format, seed or data options: choose another out=")
+    write_text(out / "config.yaml", yaml.safe_dump(cfg, sort_keys=False))
+    write_json(out / "env.json", environment())
+    specs = method_specs(cfg)
+    path = out / "predictions.jsonl"
+    done = {r["key"] for r in read_records(path)}
+    jobs = [(d, task, length, i) for d, task, length, indices in grid(cfg) for i in indices]
+    settings = [(s, b) for s in specs for b in s["budgets"]]
+    total = len(jobs) * len(settings)
+    todo = sum(record_key(t, ln, s["name"], b, i) not in done for _, t, ln, i in jobs for s, b in settings)
+    if models is None:
+        target = jaxspec.load(_resolve(cfg["target"]), dtype=cfg["dtype"], quiet=True)
+        draft = jaxspec.load(_resolve(cfg["draft"]), dtype=cfg["dtype"], quiet=True) if cfg["draft"] else None
+    else:
+        target, draft = models
+    runners = {(s["name"], b): method_runner(s, b, target, draft) for s, b in settings}
+    with open(path, "a") as f, tqdm(total=total, initial=total - todo, unit="sample", dynamic_ncols=True) as bar:
+        for d, task, length, index in jobs:
+            missing = [(s, b) for s, b in settings if record_key(task, length, s["name"], b, index) not in done]
+            if not missing:
+                continue
+            fmt = PromptFormat(chat=d.get("chat", cfg["chat"]), system=d.get("system", cfg["system"]))
+            options = {k: _resolve(v) for k, v in (d.get("options") or {}).items()}
+            if d["name"] == "ruler":
+                options.setdefault("seed", cfg["seed"])
+            sample = next(iter(dataset_module(d["name"]).samples(
+                target.tokenizer, task, length=length, indices=[index], fmt=fmt, **options)), None)
+            if sample is None:  # past the end of a finite dataset
+                bar.total -= len(missing)
+                continue
+            n_new = min(sample.max_new_tokens, cfg["max_new_tokens"] or sample.max_new_tokens)
+            for s, b in missing:
+                bar.set_description(f"{task}@{length} {s['name']}/{b}")
+                result = runners[(s["name"], b)](sample.ids, n_new)
+                score = metrics.score(sample.dataset, task, result.text or "", sample.answers, sample.meta)
+                rec = result_record(sample, task, length, s, b, result, score)
+                append_record(f, rec)
+                done.add(rec["key"])
+                bar.update()
+                if on_record is not None:
+                    on_record(rec)
+    write_json(out / "metrics.json", metrics.aggregate(read_records(path)))
+    return out
+
+
+def main(argv: list[str] | None = None) -> None:
+    argv = sys.argv[1:] if argv is None else argv
+    if not argv or argv[0] in ("-h", "--help"):
+        print(__doc__)
+        return
+    out = run(load_config(argv[0], argv[1:]))
+    print(f"wrote {out}")
+
+
+if __name__ == "__main__":
+    main()
