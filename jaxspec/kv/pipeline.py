@@ -1,0 +1,243 @@
+"""KV-compressed generation: jitted stages and the host-level ``compress`` / ``decode`` / ``generate``.
+
+Stages (each one jitted and compiled once per bucket through ``jaxspec.api.COMPILED``; lengths are
+arrays, the method config and the model config are static):
+
+1. lookahead (SpecKV only): greedy ``generate_tokens`` of the draft (or, for ``speckv-oracle``, the
+   target) on the prompt, ``bucket(lookahead_tokens)`` steps, stopping per row at a stop id;
+2. ``prefill``: the target prefill on the right-padded prompt (⊕ lookahead) into a donated empty cache,
+   capturing the method's window attention (``jaxspec.select.window_scores``);
+3. ``compress_cache``: pooling, top-k, budget masks, gather into the compressed cache (static capacity
+   ``method.slots``), and for SpecKV the re-feed of the final prompt token at position ``n - 1``;
+4. ``decode_compressed``: the compressed cache grown by the decode steps, then ``decode_loop``.
+
+A batch whose prompts all fit in ``capacity`` is not compressed at all (and no lookahead is generated);
+in a mixed batch the short rows keep every entry. ``Compressed`` (the output of ``compress``) is not
+consumed by ``decode``, so one compressed prompt can be decoded many times.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from jaxspec.api import COMPILED, GenerationResult, InputError, Model
+from jaxspec.cache import KVCache
+from jaxspec.generation import FINISH_NAMES, Sampling, bucket, decode_loop, generate_tokens, pad_prompts
+from jaxspec.kv.base import Method
+from jaxspec.kv.full import Full
+from jaxspec.models.config import ModelConfig
+from jaxspec.models.transformer import forward
+from jaxspec.select import gather, query_rows, window_scores
+
+
+def grow(cache: KVCache, extra: int) -> KVCache:
+    """The same cache with ``extra`` empty slots appended to its capacity."""
+    pad = ((0, 0),) * 3 + ((0, extra),)
+    return KVCache(k=jnp.pad(cache.k, pad + ((0, 0),)), v=jnp.pad(cache.v, pad + ((0, 0),)),
+                   pos=jnp.pad(cache.pos, pad, constant_values=-1), length=cache.length)
+
+
+@functools.partial(jax.jit, static_argnames=("cfg", "method"), donate_argnames=("cache",))
+def prefill(params, tokens, lengths, look, look_len, cache, *, cfg: ModelConfig, method: Method):
+    """Prefill ``tokens [B, T]`` (row ``b`` valid up to ``lengths[b]``), followed in each row by its
+    ``look_len[b]`` lookahead tokens ``look [B, Ls]`` when ``look`` is given, into the empty ``cache`` of
+    capacity ``T + Ls`` (an argument, not a constant: XLA would try to constant-fold the attention to an
+    empty cache). Returns ``(last_logits [B, V], cache, scores [L, B, Hkv, T + Ls])``; slot = position."""
+    B, T = tokens.shape
+    n = lengths[:, None]
+    if look is None:
+        buf, valid, Ls = tokens, jnp.arange(T)[None] < n, 0
+    else:
+        Ls = look.shape[1]
+        j = jnp.broadcast_to(jnp.arange(T + Ls)[None], (B, T + Ls))
+        from_prompt = jnp.take_along_axis(tokens, jnp.minimum(j, T - 1), axis=1)
+        from_look = jnp.take_along_axis(look, jnp.clip(j - n, 0, Ls - 1), axis=1)
+        buf = jnp.where(j < n, from_prompt, from_look)
+        valid = j < n + look_len[:, None]
+    positions = jnp.where(valid, jnp.arange(buf.shape[1])[None], -1)
+    capture = method.capture()
+    if capture is None:
+        logits, cache, _ = forward(params, cfg, buf, positions, cache, last_only=True, empty_cache=True)
+        return logits, cache, jnp.zeros(cache.pos.shape, jnp.float32)
+    group, queries = capture
+    start, count, num = method.query_rows(lengths, look_len, Ls, T)
+    index, weight = query_rows(start, count, num, queries)
+    return window_scores(params, cfg, buf, positions, cache, index, weight, group=group, queries=queries)
+
+
+@functools.partial(jax.jit, static_argnames=("cfg", "method", "k"))
+def compress_cache(params, cache, scores, logits, tokens, lengths, *, cfg: ModelConfig, method: Method, k: int):
+    """Select and gather ``k`` slots per (layer, row, kv head); for lookahead methods re-feed the final
+    prompt token at ``n - 1``. Returns ``(compressed cache, logits [B, V] of the first new token)``."""
+    index, keep = method.keep(scores, lengths, k)
+    small = gather(cache, index, keep)
+    if method.lookahead:
+        last = jnp.take_along_axis(tokens, (lengths - 1)[:, None], axis=1)
+        logits, small, _ = forward(params, cfg, last, (lengths - 1)[:, None], grow(small, 1), last_only=True)
+    return small, logits
+
+
+@functools.partial(jax.jit, static_argnames=("cfg", "max_steps", "pad_id"))
+def decode_compressed(params, cache, logits, next_pos, rng, max_new_tokens, stop_ids, sampling, *, cfg: ModelConfig,
+           max_steps: int, pad_id: int = 0):
+    """``decode_loop`` on a copy of ``cache`` grown by ``max_steps`` slots (``cache`` stays usable)."""
+    return decode_loop(params, cfg, grow(cache, max_steps), logits, next_pos, rng, max_new_tokens, stop_ids,
+                       sampling, max_steps=max_steps, pad_id=pad_id)
+
+
+@dataclasses.dataclass
+class Compressed:
+    """A compressed prompt batch, ready to decode (any number of times).
+
+    ``cache`` holds the kept prompt entries (original positions; for SpecKV also the re-fed final prompt
+    token); ``logits [B, V]`` are the first new token's; ``next_pos [B]`` its position (= prompt length).
+    ``compressed[b]`` is False where row ``b``'s prompt fits in the capacity (every entry kept).
+    """
+
+    method: Method
+    cache: KVCache
+    logits: jax.Array
+    next_pos: jax.Array
+    prompt_lengths: list[int]
+    compressed: list[bool]
+    lookahead: list[list[int]] | None
+    timings: dict[str, float]
+
+
+def _stops(stop_ids) -> jax.Array:
+    stops = np.full((max(8, len(stop_ids)),), -1, np.int32)
+    stops[: len(stop_ids)] = list(stop_ids)
+    return jnp.asarray(stops)
+
+
+def _run(fn, args, static, timings, name):
+    """Compile (once per shapes/static config) and run ``fn``; add the run time to ``timings[name]``."""
+    exe, compile_s = COMPILED.get(args, static, fn=fn)
+    timings["compile"] = timings.get("compile", 0.0) + compile_s
+    t0 = time.perf_counter()
+    out = jax.block_until_ready(exe(*args))
+    timings[name] = timings.get(name, 0.0) + time.perf_counter() - t0
+    return out
+
+
+def check_draft(method: Method, target: Model, draft: Model | None) -> None:
+    """Refuse a draft-needing method without a draft, a draft for a method that has no use for one, and a
+    draft whose vocabulary differs from the target's (the lookahead ids go to the target as they are)."""
+    if method.needs_draft and draft is None:
+        raise InputError(f"kv method {method.name!r} needs a draft model (draft=..., CLI --draft)")
+    if draft is None:
+        return
+    if not method.needs_draft:
+        raise InputError(f"kv method {method.name!r} does not use a draft model")
+    if draft.config.vocab_size != target.config.vocab_size:
+        raise InputError(f"draft and target vocabularies differ: {draft.config.vocab_size} vs "
+                         f"{target.config.vocab_size} ids")
+    dt, tt = draft.tokenizer, target.tokenizer
+    if dt is not None and tt is not None and dt.backend.get_vocab(True) != tt.backend.get_vocab(True):
+        raise InputError("draft and target tokenizers map tokens to different ids")
+
+
+def compress(target: Model, prompts: list[list[int]], kv: Method, *, draft: Model | None = None,
+             max_new_tokens: int = 64, stop_ids=(), pad_id: int = 0) -> Compressed:
+    """Compress the KV cache of a batch of token-id prompts with ``kv``. ``max_new_tokens`` is SpecKV's
+    default lookahead length; ``stop_ids`` end the lookahead early (the stop id stays in it)."""
+    check_draft(kv, target, draft)
+    cfg = target.config
+    lengths = [len(p) for p in prompts]
+    batch = pad_prompts(prompts, pad_id)
+    T = batch.tokens.shape[1]
+    compressed = [not isinstance(kv, Full) and n > kv.capacity for n in lengths]
+    method = kv if any(compressed) else Full()
+    timings: dict[str, float] = {"draft": 0.0}
+    look = look_len = None
+    lookahead = None
+    if method.lookahead:
+        steps = kv.lookahead_tokens or max_new_tokens
+        Ls = bucket(steps)
+        source = target if draft is None else draft
+        args = (source.params, batch.tokens, batch.lengths, KVCache.create(source.config, len(prompts), T + Ls),
+                jax.random.PRNGKey(0), jnp.int32(steps), _stops(stop_ids), Sampling.make(0.0))
+        out = _run(generate_tokens, args, {"cfg": source.config, "max_steps": Ls, "pad_id": pad_id}, timings,
+                   "draft")
+        look, look_len = out.tokens, out.num_generated
+        lookahead = [r[:m].tolist() for r, m in zip(np.asarray(look), np.asarray(look_len))]
+    empty = KVCache.create(cfg, len(prompts), T + (0 if look is None else look.shape[1]))
+    logits, cache, scores = _run(prefill, (target.params, batch.tokens, batch.lengths, look, look_len, empty),
+                                 {"cfg": cfg, "method": method}, timings, "prefill")
+    if isinstance(method, Full):
+        timings["score"] = 0.0
+    else:
+        args = (target.params, cache, scores, logits, batch.tokens, batch.lengths)
+        k = method.slots(T, cfg.num_kv_heads)
+        cache, logits = _run(compress_cache, args, {"cfg": cfg, "method": method, "k": k}, timings, "score")
+    return Compressed(kv, cache, logits, batch.lengths, lengths, compressed, lookahead, timings)
+
+
+def accounting(c: Compressed, cfg: ModelConfig, kept_indices: bool = False) -> list[dict]:
+    """Per row: method and parameters, whether it was compressed, entries kept per layer (and per kv head
+    where heads differ), KV bytes kept vs the full prompt's, and optionally the kept positions
+    ``kept_indices[layer][kv_head]`` (sorted). Counts are taken at decode start, so SpecKV's include the
+    re-fed final prompt token (``capacity + 1``)."""
+    pos = np.asarray(c.cache.pos)  # [L, B, H, K]
+    per_entry = 2 * cfg.head_dim * np.dtype(c.cache.k.dtype).itemsize  # K and V of one (layer, head, slot)
+    L, _, H, K = pos.shape
+    rows = []
+    for b, n in enumerate(c.prompt_lengths):
+        kept = (pos[:, b] >= 0).sum(-1)  # [L, H]
+        row = {
+            "method": c.method.name,
+            "params": c.method.params(),
+            "compressed": c.compressed[b],
+            "prompt_tokens": n,
+            "kept_per_layer": [int(x[0]) if (x == x[0]).all() else float(x.mean()) for x in kept],
+            "kv_bytes_kept": int(kept.sum()) * per_entry,
+            "kv_bytes_full": n * L * H * per_entry,
+            "kv_bytes_allocated": K * L * H * per_entry,
+        }
+        if not (kept == kept[:, :1]).all():
+            row["kept_per_head"] = kept.tolist()
+        if c.lookahead is not None:
+            row["lookahead_tokens"] = len(c.lookahead[b])
+        if kept_indices:
+            row["kept_indices"] = [[np.sort(p[p >= 0]).tolist() for p in layer] for layer in pos[:, b]]
+        rows.append(row)
+    return rows
+
+
+def decode(target: Model, c: Compressed, *, max_new_tokens: int = 64, sampling: Sampling | None = None,
+           seed: int = 0, stop_ids=(), pad_id: int = 0):
+    """Decode a ``Compressed`` batch (which stays usable). Returns ``(GenerationOutput, decode seconds,
+    compile seconds)``."""
+    timings: dict[str, float] = {}
+    args = (target.params, c.cache, c.logits, c.next_pos, jax.random.PRNGKey(seed), jnp.int32(max_new_tokens),
+            _stops(stop_ids), sampling if sampling is not None else Sampling.make(0.0))
+    out = _run(decode_compressed, args, {"cfg": target.config, "max_steps": bucket(max_new_tokens),
+                                         "pad_id": pad_id}, timings, "decode")
+    return out, timings["decode"], timings["compile"]
+
+
+def generate(target: Model, prompts: list[list[int]], kv: Method, *, draft: Model | None = None,
+             max_new_tokens: int = 64, sampling: Sampling | None = None, seed: int = 0, stop_ids=(),
+             kept_indices: bool = False) -> list[GenerationResult]:
+    """``compress`` then ``decode``; each result carries ``kv`` accounting and timings split into
+    draft, prefill, score (selection + gather + re-feed) and decode."""
+    c = compress(target, prompts, kv, draft=draft, max_new_tokens=max_new_tokens, stop_ids=stop_ids)
+    out, decode_s, compile_s = decode(target, c, max_new_tokens=max_new_tokens, sampling=sampling, seed=seed,
+                                      stop_ids=stop_ids)
+    timings = dict(c.timings, decode=decode_s, compile=c.timings["compile"] + compile_s,
+                   load=target.load_seconds + (draft.load_seconds if draft is not None else 0.0))
+    tokens, n_gen, reasons = np.asarray(out.tokens), np.asarray(out.num_generated), np.asarray(out.finish_reason)
+    tps = (int(n_gen.sum()) - len(prompts)) / decode_s if decode_s > 0 else 0.0
+    results = []
+    for b, acc in enumerate(accounting(c, target.config, kept_indices)):
+        gen = tokens[b, : n_gen[b]].tolist()
+        text = target.tokenizer.decode(gen) if target.tokenizer is not None else None
+        results.append(GenerationResult(gen, text, FINISH_NAMES[int(reasons[b])], c.prompt_lengths[b],
+                                        dict(timings), tps, kv=acc))
+    return results
