@@ -1,0 +1,63 @@
+"""Drafters for speculative decoding, and their registry.
+
+A drafter is a frozen (hashable) dataclass: it is a static argument of the jitted speculative loop, so every
+method below is traced inside that loop and must keep static shapes. Arrays it needs (a draft model's
+weights, a table) travel separately as ``dparams``, returned by ``prepare``.
+
+Protocol (see ``jaxspec.speculative`` for the loop that calls it):
+
+``tree_size: int``
+    T, the static number of tree nodes including the root.
+``prepare(draft_model) -> (drafter, dparams)``
+    Host side, once per request: bind what the drafter needs (e.g. the draft model's config and params).
+``init(dparams, prompt_tokens, prompt_lengths, capacity) -> state``
+    After the target's prefill: the drafter's loop state (a pytree), e.g. a prefilled draft KV cache.
+``propose(dparams, state, hist, hist_len, live, rng, sampling) -> (Proposal, state)``
+    ``hist [B, H]`` holds prompt + emitted tokens, ``hist_len [B]`` their count; the root (the last emitted
+    token, not yet verified-in-cache) is ``hist[b, hist_len - 1]``. ``live [B]``: rows still generating.
+``update(dparams, state, proposal, base, keep) -> state``
+    After verification: the target cache now holds ``keep[b]`` nodes of the accepted path (root first,
+    ``keep = 0`` for rows that did not run) at slots from ``base[b]``.
+"""
+
+from __future__ import annotations
+
+import flax.struct
+import jax
+
+from jaxspec.tree import Tree
+
+
+@flax.struct.dataclass
+class Proposal:
+    """A drafted tree plus, for stochastic drafters, ``q [B, T, V]``: the distribution each node's token was
+    drawn from (None: deterministic drafts). Node 0's token is ignored (the loop puts the root there)."""
+
+    tree: Tree
+    q: jax.Array | None = None
+
+
+def _registry():
+    from jaxspec.drafters.draft_model import DraftModel
+    from jaxspec.drafters.ngram import NGram
+
+    return {"ngram": NGram, "draft-model": DraftModel}
+
+
+def make_drafter(name: str, tree_size: int | None = None, **options):
+    """Build a registered drafter by name ("ngram", "draft-model") with its dataclass options.
+
+    ``tree_size`` (the CLI's ``--tree-size``) is the number of verified tokens per step, root included: the
+    chain drafters get ``k = tree_size - 1`` draft tokens.
+    """
+    table = _registry()
+    if name not in table:
+        raise ValueError(f"unknown drafter {name!r}; choose from {sorted(table)}")
+    if tree_size is not None:
+        if tree_size < 2:
+            raise ValueError(f"tree_size must be >= 2 (the root and a draft), got {tree_size}")
+        options["k"] = tree_size - 1
+    return table[name](**options)
+
+
+__all__ = ["Proposal", "make_drafter"]
