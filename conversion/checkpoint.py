@@ -15,12 +15,11 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
-import shutil
-import tempfile
 from pathlib import Path
 
 import jax
 
+from jaxspec.conversion.atomic import atomic_directory
 from jaxspec.models.config import ModelConfig, RopeScaling
 from jaxspec.models.transformer import param_shapes, stack_layers
 
@@ -50,12 +49,7 @@ def config_from_dict(d: dict) -> ModelConfig:
 def save_checkpoint(out_dir: str | os.PathLike, cfg: ModelConfig, params, tokenizer=None, source: str = "") -> Path:
     import orbax.checkpoint as ocp
 
-    out_dir = Path(out_dir).absolute()
-    if out_dir.exists() and any(out_dir.iterdir()):
-        raise CheckpointFormatError(f"output directory {out_dir} exists and is not empty")
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", dir=out_dir.parent))
-    try:
+    with atomic_directory(out_dir, CheckpointFormatError) as tmp:
         with ocp.StandardCheckpointer() as ckptr:
             ckptr.save(tmp / "params", stack_layers(params))
             ckptr.wait_until_finished()
@@ -63,13 +57,7 @@ def save_checkpoint(out_dir: str | os.PathLike, cfg: ModelConfig, params, tokeni
             tokenizer.save(tmp / "tokenizer")
         meta = {"format": FORMAT, "version": 1, "config": config_to_dict(cfg), "source": source}
         (tmp / MARKER).write_text(json.dumps(meta, indent=2))
-        if out_dir.exists():
-            out_dir.rmdir()
-        os.replace(tmp, out_dir)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    return out_dir
+    return Path(out_dir).absolute()
 
 
 def _read_meta(path: Path) -> dict:

@@ -10,8 +10,6 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
-import tempfile
 from pathlib import Path
 from typing import Any, Iterator
 
@@ -19,6 +17,7 @@ import numpy as np
 from safetensors import safe_open
 from safetensors.numpy import save_file
 
+from jaxspec.conversion.atomic import atomic_directory
 from jaxspec.models.config import ModelConfig
 from jaxspec.models.transformer import param_shapes, stack_layers
 
@@ -190,20 +189,9 @@ def save_hf(cfg: ModelConfig, params: dict, out_dir: str | os.PathLike, tokenize
 
     Written into a temporary sibling directory and renamed into place, so a failure leaves nothing.
     """
-    out_dir = Path(out_dir)
-    if out_dir.exists() and any(out_dir.iterdir()):
-        raise CheckpointError(f"output directory {out_dir} exists and is not empty")
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", dir=out_dir.parent))
-    try:
+    with atomic_directory(out_dir, CheckpointError) as tmp:
         (tmp / "config.json").write_text(json.dumps(cfg.to_hf_config(), indent=2))
         save_file(hf_state_dict(cfg, params), str(tmp / "model.safetensors"), metadata={"format": "pt"})
         if tokenizer is not None:
             tokenizer.save(tmp)
-        if out_dir.exists():
-            out_dir.rmdir()
-        os.replace(tmp, out_dir)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    return out_dir
+    return Path(out_dir)

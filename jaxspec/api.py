@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import sys
 import time
 from pathlib import Path
 from typing import Any, Sequence
@@ -12,10 +13,11 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from jaxspec import sharding
 from jaxspec.cache import KVCache
 from jaxspec.generation import FINISH_NAMES, PREFILL_CLOCK, Sampling, bucket, generate_tokens, pad_prompts
 from jaxspec.models.config import ModelConfig
-from jaxspec.models.transformer import unstack_layers
+from jaxspec.models.transformer import param_shapes, unstack_layers
 
 
 class InputError(ValueError):
@@ -24,22 +26,29 @@ class InputError(ValueError):
 
 @dataclasses.dataclass
 class Model:
-    """A loaded model: config, params (a pytree of arrays) and tokenizer (may be None)."""
+    """A loaded model: config, params (a pytree of arrays) and tokenizer (may be None). With a ``mesh``
+    the params are sharded on it by ``rules`` (``jaxspec.sharding``; None: the default rules)."""
 
     config: ModelConfig
     params: Any
     tokenizer: Any = None
     source: str = ""
     load_seconds: float = 0.0
+    mesh: Any = None
+    rules: Any = None
 
 
 def load(path: str | os.PathLike, *, dtype: str | None = None, quiet: bool = False,
-         layout: str | None = None) -> Model:
+         layout: str | None = None, mesh: jax.sharding.Mesh | None = None,
+         rules: sharding.ShardingRules | None = None) -> Model:
     """Load a model from an HF directory, a GGUF file, a ``jaxspec convert`` checkpoint, or a registry name.
 
     ``dtype`` overrides the compute/param dtype (default float32; "bfloat16" for TPU/GPU).
     ``layout``: "unstacked" (one weight set per layer, unrolled — the default on CPU, where XLA copies
     scanned weight slices) or "stacked" (``nn.scan`` over ``[L, ...]`` weights — the default elsewhere).
+    ``mesh`` (``jaxspec.make_mesh``): params placed on it by ``rules`` (default ``ShardingRules()``), straight
+    from the file for HF and orbax checkpoints; dimensions the mesh cannot split are replicated (listed on
+    stderr unless ``quiet``).
     """
     layout = layout or ("unstacked" if jax.default_backend() == "cpu" else "stacked")
     if layout not in ("stacked", "unstacked"):
@@ -62,17 +71,27 @@ def load(path: str | os.PathLike, *, dtype: str | None = None, quiet: bool = Fal
         cfg, params, meta = load_gguf(path, dtype=dtype or "float32")
         tok = tokenizer_from_gguf(meta)
     elif checkpoint.is_checkpoint(path):
-        cfg, params, _ = checkpoint.load_checkpoint(path)
+        shardings = None
+        if mesh is not None:
+            ccfg = checkpoint.load_checkpoint_config(path)
+            shardings = sharding.param_shardings(param_shapes(ccfg), ccfg, mesh, rules)
+        cfg, params, _ = checkpoint.load_checkpoint(path, shardings=shardings)
         if dtype:
             cfg = cfg.replace(dtype=dtype, param_dtype=dtype)
             params = jax.tree.map(lambda a: a.astype(dtype), params)
         tok = _maybe_tokenizer(path / "tokenizer")
     else:
-        cfg, params = hf.load_hf(path, dtype=dtype)
+        put = None if mesh is None else sharding.param_put(ModelConfig.from_hf_config(path), mesh, rules)
+        cfg, params = hf.load_hf(path, dtype=dtype, put=put)
         tok = _maybe_tokenizer(path)
     if layout == "unstacked":
         params = unstack_layers(params)
-    return Model(cfg, params, tok, source=str(path), load_seconds=time.perf_counter() - t0)
+    if mesh is not None:
+        params = sharding.shard_params(params, cfg, mesh, rules)
+        if not quiet:
+            for note in sharding.sharding_notes(cfg, mesh, rules):
+                print(f"jaxspec: sharding: {note}", file=sys.stderr)
+    return Model(cfg, params, tok, source=str(path), load_seconds=time.perf_counter() - t0, mesh=mesh, rules=rules)
 
 
 def _maybe_tokenizer(path: Path):
@@ -91,6 +110,7 @@ class GenerationResult:
     prompt_tokens: int
     timings: dict[str, float]
     tokens_per_second: float
+    kv: dict | None = None  # KV-compression accounting (generate(..., kv=...)), see jaxspec.kv.pipeline
 
     def to_json(self) -> dict:
         return dataclasses.asdict(self)
@@ -124,19 +144,60 @@ def encode_prompt(model: Model, prompt: str | Sequence[int], chat: bool = False,
     return [int(i) for i in ids]
 
 
+PAD_ID = 0  # token written into padding and finished rows' output slots (never attended to)
+
+
+@dataclasses.dataclass(frozen=True)
+class Request:
+    """A validated generation request: encoded prompts, padded to a bucket, and the static sizes."""
+
+    single: bool  # one prompt given (not a list): return one result
+    ids: list[list[int]]
+    prepared: Any  # PreparedBatch
+    stop_ids: list[int]
+    stops: jax.Array  # [K] int32, -1 padded
+    max_steps: int  # bucketed max_new_tokens
+    capacity: int  # KV cache slots
+
+
+def prepare_request(model: Model, prompts, max_new_tokens: int, chat: bool, stop_ids, cache_capacity) -> Request:
+    """Shared front half of every generation path (plain, KV-compressed, speculative)."""
+    single = isinstance(prompts, str) or (len(prompts) > 0 and isinstance(prompts[0], (int, np.integer)))
+    batch = [prompts] if single else list(prompts)
+    if not batch:
+        raise InputError("no prompts")
+    if max_new_tokens < 1:
+        raise InputError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
+    ids = [encode_prompt(model, p, chat=chat) for p in batch]
+    if stop_ids is None:
+        tok_eos = getattr(model.tokenizer, "eos_ids", ()) or ()
+        stop_ids = sorted(set(model.config.eos_token_ids) | set(tok_eos))
+    prepared = pad_prompts(ids, PAD_ID)
+    max_steps = bucket(max_new_tokens)
+    T = prepared.tokens.shape[1]
+    capacity = cache_capacity if cache_capacity is not None else T + max_steps
+    if capacity < T:
+        raise InputError(f"cache capacity {capacity} is smaller than the padded prompt ({T} tokens)")
+    stops = np.full((max(8, len(stop_ids)),), -1, np.int32)
+    stops[: len(stop_ids)] = stop_ids
+    return Request(single, ids, prepared, list(stop_ids), jnp.asarray(stops), max_steps, capacity)
+
+
 class _Compiled:
     """Compiled generation programs keyed by (config, shapes): one compile per bucket."""
 
     def __init__(self):
         self._table: dict[tuple, Any] = {}
 
-    def get(self, args: tuple, static: dict) -> tuple[Any, float]:
-        key = (jax.tree.structure(args), tuple((a.shape, str(a.dtype)) for a in jax.tree.leaves(args)),
+    def get(self, args: tuple, static: dict, fn=generate_tokens) -> tuple[Any, float]:
+        """The compiled ``fn`` (a jitted function; default ``generate_tokens``) for these arguments."""
+        key = (fn, jax.tree.structure(args),  # shardings too: another mesh or layout is another program
+               tuple((a.shape, str(a.dtype), a.sharding) for a in jax.tree.leaves(args)),
                tuple(sorted(static.items())))
         if key in self._table:
             return self._table[key], 0.0
         t0 = time.perf_counter()
-        exe = generate_tokens.lower(*args, **static).compile()
+        exe = fn.lower(*args, **static).compile()
         self._table[key] = exe
         return exe, time.perf_counter() - t0
 
@@ -159,36 +220,57 @@ def generate(
     stop_ids: Sequence[int] | None = None,
     chat: bool = False,
     cache_capacity: int | None = None,
+    kv: Any = None,
+    draft: Model | None = None,
+    kept_indices: bool = False,
+    speculative: Any = None,
 ) -> GenerationResult | list[GenerationResult]:
     """Generate continuations. A single prompt (str or id list) returns one result, a list of prompts a list.
 
     ``stop_ids`` default to the model's EOS ids. ``cache_capacity`` bounds the KV cache (default: room
     for the whole request); a row that runs out of cache stops with finish_reason ``cache_full``.
+    ``kv``: a KV-compression method (``jaxspec.kv``: a config such as ``SpecKV(capacity=256)``, or a
+    registry name) applied to the prompt's cache; ``draft`` is the draft model of methods that need one.
+    Each result then carries ``kv`` accounting (``kept_indices`` adds the kept positions).
+    ``speculative``: a drafter (``jaxspec.drafters``: a name such as "ngram" or "draft-model", or a drafter
+    object) for lossless speculative decoding; "draft-model" uses ``draft``. Results then also carry
+    ``accepted_per_step`` and ``target_forwards``.
     """
-    single = isinstance(prompts, str) or (len(prompts) > 0 and isinstance(prompts[0], (int, np.integer)))
-    batch = [prompts] if single else list(prompts)
-    if not batch:
-        raise InputError("no prompts")
-    if max_new_tokens < 1:
-        raise InputError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
-    ids = [encode_prompt(model, p, chat=chat) for p in batch]
-    cfg = model.config
-    tok = model.tokenizer
-    if stop_ids is None:
-        stop_ids = sorted(set(cfg.eos_token_ids) | set(getattr(tok, "eos_ids", ()) or ()))
-    pad_id = 0
-    prepared = pad_prompts(ids, pad_id)
-    max_steps = bucket(max_new_tokens)
-    T = prepared.tokens.shape[1]
-    capacity = cache_capacity if cache_capacity is not None else T + max_steps
-    if capacity < T:
-        raise InputError(f"cache capacity {capacity} is smaller than the padded prompt ({T} tokens)")
-    stops = np.full((max(8, len(stop_ids)),), -1, np.int32)
-    stops[: len(stop_ids)] = stop_ids
-    cache = KVCache.create(cfg, len(batch), capacity)
-    args = (model.params, prepared.tokens, prepared.lengths, cache, jax.random.PRNGKey(seed),
-            jnp.int32(max_new_tokens), jnp.asarray(stops), Sampling.make(temperature, top_k, top_p))
-    exe, compile_s = COMPILED.get(args, {"cfg": cfg, "max_steps": max_steps, "pad_id": pad_id})
+    if speculative is not None:
+        if kv is not None:
+            raise InputError("choose either kv compression or speculative decoding, not both")
+        from jaxspec.drafters import make_drafter
+        from jaxspec.speculative import generate_speculative
+
+        try:
+            drafter = make_drafter(speculative) if isinstance(speculative, str) else speculative
+            return generate_speculative(
+                model, prompts, drafter, draft_model=draft, max_new_tokens=max_new_tokens, temperature=temperature,
+                top_k=top_k, top_p=top_p, seed=seed, stop_ids=stop_ids, chat=chat, cache_capacity=cache_capacity)
+        except ValueError as e:  # e.g. draft-model without a draft
+            raise InputError(str(e)) from e
+    req = prepare_request(model, prompts, max_new_tokens, chat, stop_ids, cache_capacity)
+    if kv is not None or draft is not None:
+        from jaxspec.kv import make_method
+        from jaxspec.kv.pipeline import generate as kv_generate
+
+        if cache_capacity is not None:
+            raise InputError("cache_capacity does not apply to kv-compressed generation")
+        if kv is None:
+            raise InputError("a draft model needs kv='speckv' (or another kv method that uses one) or "
+                             "speculative='draft-model'")
+        results = kv_generate(model, req.ids, make_method(kv), draft=draft, max_new_tokens=max_new_tokens,
+                              sampling=Sampling.make(temperature, top_k, top_p), seed=seed,
+                              stop_ids=req.stop_ids, kept_indices=kept_indices)
+        return results[0] if req.single else results
+    cfg, tok, batch, ids = model.config, model.tokenizer, req.ids, req.ids
+    cache = (KVCache.create(cfg, len(batch), req.capacity) if model.mesh is None
+             else sharding.create_cache(cfg, len(batch), req.capacity, model.mesh, model.rules))
+    args = (model.params, req.prepared.tokens, req.prepared.lengths, cache, jax.random.PRNGKey(seed),
+            jnp.int32(max_new_tokens), req.stops, Sampling.make(temperature, top_k, top_p))
+    if model.mesh is not None:  # prompts split over the batch axis, the rest replicated: jit follows
+        args = sharding.place_args(args, model.mesh, model.rules, batched=(1, 2))
+    exe, compile_s = COMPILED.get(args, {"cfg": cfg, "max_steps": req.max_steps, "pad_id": PAD_ID})
     PREFILL_CLOCK.t = None
     t0 = time.perf_counter()
     out = exe(*args)
@@ -197,9 +279,7 @@ def generate(
     run_s = t1 - t0
     prefill_s = (PREFILL_CLOCK.t or t1) - t0
 
-    tokens = np.asarray(out.tokens)
-    n_gen = np.asarray(out.num_generated)
-    reasons = np.asarray(out.finish_reason)
+    tokens, n_gen, reasons = (sharding.to_host(x) for x in (out.tokens, out.num_generated, out.finish_reason))
     total_new = int(n_gen.sum())
     timings = {"load": model.load_seconds, "compile": compile_s, "prefill": prefill_s, "decode": run_s - prefill_s}
     results = []
@@ -208,4 +288,4 @@ def generate(
         text = tok.decode(gen) if tok is not None else None
         tps = (total_new - len(batch)) / timings["decode"] if timings["decode"] > 0 else 0.0
         results.append(GenerationResult(gen, text, FINISH_NAMES[int(reasons[i])], len(ids[i]), dict(timings), tps))
-    return results[0] if single else results
+    return results[0] if req.single else results

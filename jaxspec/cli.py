@@ -1,4 +1,4 @@
-"""The ``jaxspec`` command line: generate, convert, inspect, fetch."""
+"""The ``jaxspec`` command line: generate, methods, convert, plan, inspect, fetch."""
 
 from __future__ import annotations
 
@@ -17,7 +17,8 @@ def _user_errors() -> tuple[type[BaseException], ...]:
 
     errors: list[type[BaseException]] = [InputError, CheckpointFormatError, CheckpointError, FetchError,
                                          ConfigError, FileNotFoundError]
-    for mod, name in (("jaxspec.conversion.gguf", "GGUFError"), ("jaxspec.conversion.tokenizer", "TokenizerError")):
+    for mod, name in (("jaxspec.conversion.gguf", "GGUFError"), ("jaxspec.conversion.tokenizer", "TokenizerError"),
+                      ("jaxspec.sharding", "ShardingError")):
         try:
             errors.append(getattr(__import__(mod, fromlist=[name]), name))
         except (ImportError, AttributeError):
@@ -35,19 +36,39 @@ def _parse_ids(text: str) -> list[int]:
 
 
 def cmd_generate(args) -> int:
+    import jax
+
     import jaxspec
     from jaxspec.api import InputError
+    from jaxspec.sharding import ShardingRules, mesh_from_args
 
     if (args.prompt is None) == (args.prompt_ids is None):
         raise InputError("give exactly one of --prompt and --prompt-ids")
     prompt = args.prompt if args.prompt is not None else _parse_ids(args.prompt_ids)
-    model = jaxspec.load(args.model, dtype=args.dtype, quiet=args.json)
+    kv = _kv_method(args)
+    mesh = mesh_from_args(args)
+    model = jaxspec.load(args.model, dtype=args.dtype, quiet=args.json, mesh=mesh)
+    draft = (jaxspec.load(args.draft, dtype=args.dtype, quiet=args.json, mesh=mesh,
+                          rules=None if mesh is None else ShardingRules.replicated()) if args.draft else None)
+    speculative = None
+    if args.speculative:
+        from jaxspec.drafters import make_drafter
+
+        try:
+            speculative = make_drafter(args.speculative, tree_size=args.tree_size)
+        except ValueError as e:
+            raise InputError(str(e)) from e
+    elif args.tree_size is not None:
+        raise InputError("--tree-size needs --speculative")
     res = jaxspec.generate(
         model, prompt, max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_k=args.top_k,
         top_p=args.top_p, seed=args.seed, chat=args.chat,
         stop_ids=_parse_ids(args.stop_ids) if args.stop_ids is not None else None,
-        cache_capacity=args.cache_capacity,
+        cache_capacity=args.cache_capacity, kv=kv, draft=draft, kept_indices=args.kept_indices,
+        speculative=speculative,
     )
+    if jax.process_index() > 0:  # multi-host: every process computed the same result; process 0 prints it
+        return 0
     if args.json:
         print(json.dumps(res.to_json()))
     else:
@@ -56,6 +77,49 @@ def cmd_generate(args) -> int:
         print(f"[{len(res.token_ids)} tokens, finish={res.finish_reason}, prompt={res.prompt_tokens} tokens, "
               f"load {t['load']:.2f}s, compile {t['compile']:.2f}s, prefill {t['prefill']:.3f}s, "
               f"decode {res.tokens_per_second:.1f} tok/s]", file=sys.stderr)
+    return 0
+
+
+KV_PARAMS = {  # CLI flag (dest) -> (type, help); each is a field of some jaxspec.kv method
+    "capacity": (int, "KV entries kept per layer and kv head (max_capacity_prompt)"),
+    "window_size": (int, "recent prompt entries always kept (and SnapKV's observation window)"),
+    "kernel_size": (int, "pooling kernel along keys (odd)"),
+    "pool_type": (str, "pooling: max or mean"),
+    "reduction_type": (str, "reduction over the GQA group and the window queries: max, mean (or sum)"),
+    "lookahead_tokens": (int, "SpecKV lookahead length (default: --max-new-tokens)"),
+    "prefill_window_size": (int, "SpecKV sparse-prefill band (capacity must be <= band + vertical)"),
+    "prefill_vertical_size": (int, "SpecKV sparse-prefill vertical columns"),
+    "beta": (int, "PyramidKV: smallest layer budget = budget // beta"),
+    "floor_alpha": (float, "AdaKV: share of each head's budget guaranteed"),
+    "sink_size": (int, "StreamingLLM: attention-sink tokens kept at the start"),
+}
+
+
+def _kv_method(args):
+    """The --kv method with the KV flags given on the command line (others keep the method's defaults)."""
+    from jaxspec.api import InputError
+
+    params = {k: getattr(args, k) for k in KV_PARAMS if getattr(args, k) is not None}
+    if args.kv is None:
+        if params or args.kept_indices:
+            raise InputError(f"--{', --'.join(k.replace('_', '-') for k in params) or 'kept-indices'} needs --kv")
+        return None
+    from jaxspec.kv import make_method
+
+    return make_method(args.kv, **params)
+
+
+def cmd_methods(args) -> int:
+    from jaxspec.kv import describe
+
+    methods = describe()
+    if args.json:
+        print(json.dumps(methods, indent=2))
+        return 0
+    for m in methods:
+        print(f"{m['name']:<14} {m['summary']}" + ("  [needs --draft]" if m["needs_draft"] else ""))
+        for k, v in m["params"].items():
+            print(f"    --{k.replace('_', '-'):<24} default {v}")
     return 0
 
 
@@ -71,6 +135,12 @@ def cmd_convert(args) -> int:
         out = save_checkpoint(args.out, model.config, model.params, tokenizer=model.tokenizer, source=model.source)
     print(out)
     return 0
+
+
+def cmd_plan(args) -> int:
+    from jaxspec.plan import main
+
+    return main(args)
 
 
 def cmd_inspect(args) -> int:
@@ -121,7 +191,32 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--cache-capacity", type=int, help="KV cache slots (default: prompt + max new tokens)")
     g.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], help="default float32")
     g.add_argument("--json", action="store_true", help="print one JSON object")
+    k = g.add_argument_group("KV-cache compression", "see `jaxspec methods`; unset flags keep the method's defaults")
+    k.add_argument("--kv", metavar="METHOD", help="compress the prompt's KV cache with METHOD")
+    k.add_argument("--draft", help="draft model (path or registry name) for methods that need one "
+                                   "(speckv; --speculative draft-model)")
+    k.add_argument("--kept-indices", action="store_true", help="add kv.kept_indices[layer][kv_head] to --json")
+    for name, (typ, text) in KV_PARAMS.items():
+        flags = [f"--{name.replace('_', '-')}"] + (["--window"] if name == "window_size" else [])
+        k.add_argument(*flags, dest=name, type=typ, help=text)
+    sp = g.add_argument_group("speculative decoding", "lossless: greedy output equals plain greedy decoding")
+    sp.add_argument("--speculative", choices=["ngram", "draft-model"], help="drafter (draft-model needs --draft)")
+    sp.add_argument("--tree-size", type=int, help="draft nodes verified per target forward, root included "
+                                                  "(default: the drafter's)")
+    s = g.add_argument_group("sharding", "see docs/sharding.md")
+    s.add_argument("--mesh", help="device mesh, e.g. data=2,model=4 (default with several devices: all of a host's "
+                                  "devices on model, hosts on data)")
+    s.add_argument("--distributed", action="store_true",
+                   help="initialise jax.distributed (multi-host) from the flags below, else JAX_COORDINATOR_ADDRESS, "
+                        "JAX_NUM_PROCESSES, JAX_PROCESS_ID, else cluster auto-detection (TPU pod slices)")
+    s.add_argument("--coordinator", help="host:port of process 0 (with --distributed)")
+    s.add_argument("--num-processes", type=int, help="number of processes (with --distributed)")
+    s.add_argument("--process-id", type=int, help="this process's index (with --distributed)")
     g.set_defaults(func=cmd_generate)
+
+    m = sub.add_parser("methods", help="list the KV-compression methods with their parameters and defaults")
+    m.add_argument("--json", action="store_true")
+    m.set_defaults(func=cmd_methods)
 
     c = sub.add_parser("convert", help="convert a model to an orbax checkpoint (or an HF directory)")
     c.add_argument("src", help="HF directory, GGUF file, checkpoint or registry name")
@@ -129,6 +224,22 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--to", choices=["orbax", "hf"], default="orbax")
     c.add_argument("--dtype", choices=["float32", "bfloat16", "float16"])
     c.set_defaults(func=cmd_convert)
+
+    pl = sub.add_parser("plan", help="memory per device for a model, batch, context and mesh (reads no weights)",
+                        description="Bytes per device of params, KV cache (full and compressed) and activations, "
+                                    "split by the sharding rules jaxspec uses, and whether they fit a device.")
+    pl.add_argument("--model", required=True, help="HF directory, GGUF file, checkpoint or fetched registry name")
+    pl.add_argument("--draft", help="draft model (replicated on every device)")
+    pl.add_argument("--context", type=int, required=True, help="prompt tokens per row")
+    pl.add_argument("--new-tokens", type=int, default=0, help="generated tokens per row (default 0)")
+    pl.add_argument("--batch", type=int, default=1)
+    pl.add_argument("--kv", metavar="METHOD", help="KV-compression method (see `jaxspec methods`)")
+    pl.add_argument("--capacity", type=int, help="entries the KV method keeps per layer and kv head")
+    pl.add_argument("--mesh", help="e.g. data=2,model=4 (default: one device)")
+    pl.add_argument("--device-memory", help="memory per device, e.g. 16GiB (TPU v5e), 80GB")
+    pl.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], help="default float32")
+    pl.add_argument("--json", action="store_true")
+    pl.set_defaults(func=cmd_plan)
 
     i = sub.add_parser("inspect", help="list tensors, shapes, dtypes and config of a checkpoint")
     i.add_argument("path")
