@@ -138,7 +138,11 @@ def rooflines(cfg, model, roof: dict, prompt_len: int, new_tokens: int, batch: i
     embed_bytes = cfg.vocab_size * cfg.hidden_size * np.dtype(cfg.param_dtype).itemsize
     read_bytes = param_bytes - (0 if cfg.tie_word_embeddings else embed_bytes)  # embedding: one row per token
     kv_bytes = cfg.kv_bytes_per_token() * (prompt_len + new_tokens // 2) * batch
-    flops_per_token = 2 * (cfg.num_params() - cfg.vocab_size * cfg.hidden_size)
+    # prefill computes no LM head (last position only) and gathers embeddings: matmul FLOPs are the layers'
+    # weights plus causal attention (QK and PV over prompt_len / 2 keys on average)
+    head_and_embed = cfg.vocab_size * cfg.hidden_size * (1 if cfg.tie_word_embeddings else 2)
+    attention = 2 * 2 * cfg.num_layers * cfg.num_heads * cfg.head_dim * prompt_len / 2
+    flops_per_token = 2 * (cfg.num_params() - head_and_embed) + attention
     return {
         "decode_tokens_per_s": roof["matvec_GBps"] * 1e9 / (read_bytes + kv_bytes) * batch,
         "prefill_tokens_per_s": roof["matmul_GFLOPs"] * 1e9 / flops_per_token,
