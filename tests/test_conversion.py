@@ -15,7 +15,7 @@ from jaxspec.cache import KVCache
 from jaxspec.cli import main as cli
 from jaxspec.conversion.checkpoint import load_checkpoint, save_checkpoint
 from jaxspec.conversion.hf import CheckpointError, load_hf, save_hf
-from jaxspec.models import ConfigError, forward
+from jaxspec.models import ConfigError, ModelConfig, forward
 
 
 def _logits(cfg, params, ids):
@@ -129,3 +129,27 @@ def test_prompt_errors(tiny_hf, capsys):
     assert cli(["generate", "--model", str(d), "--prompt-ids", "1,a"]) == 2
     assert "comma-separated integers" in capsys.readouterr().err
     assert cli(["generate", "--model", str(d), "--prompt-ids", "1.5"]) == 2
+
+
+def test_sharded_safetensors_with_index(tiny_hf, tmp_path):
+    d, ref = tiny_hf("llama-gqa4to2-untied-llama3rope")
+    ref.save_pretrained(tmp_path / "sharded", max_shard_size="20KB")
+    assert (tmp_path / "sharded" / "model.safetensors.index.json").is_file()
+    assert len(list((tmp_path / "sharded").glob("*.safetensors"))) > 1
+    cfg, params = load_hf(tmp_path / "sharded")
+    cfg1, params1 = load_hf(d)
+    ids = np.arange(3, 23)[None]
+    np.testing.assert_array_equal(_logits(cfg, params, ids), _logits(cfg1, params1, ids))
+
+
+def test_config_reads_both_rope_schemas():
+    base = dict(model_type="llama", vocab_size=10, hidden_size=8, intermediate_size=16, num_hidden_layers=1,
+                num_attention_heads=2)
+    scaling = {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+               "original_max_position_embeddings": 8192}
+    hub = ModelConfig.from_hf_config(dict(base, rope_theta=500000.0, rope_scaling=scaling))
+    v5 = ModelConfig.from_hf_config(dict(base, rope_parameters=dict(scaling, rope_theta=500000.0)))
+    assert hub == v5
+    assert hub.rope_theta == 500000.0 and hub.rope_scaling.kind == "llama3" and hub.rope_scaling.factor == 8.0
+    plain = ModelConfig.from_hf_config(dict(base, rope_parameters={"rope_type": "default", "rope_theta": 1e6}))
+    assert plain.rope_theta == 1e6 and plain.rope_scaling.kind == "none"
