@@ -111,6 +111,7 @@ class GenerationResult:
     timings: dict[str, float]
     tokens_per_second: float
     kv: dict | None = None  # KV-compression accounting (generate(..., kv=...)), see jaxspec.kv.pipeline
+    pc: dict | None = None  # prompt-compression accounting (generate(..., pc=...)), see jaxspec.pc.pipeline
 
     def to_json(self) -> dict:
         return dataclasses.asdict(self)
@@ -224,6 +225,7 @@ def generate(
     draft: Model | None = None,
     kept_indices: bool = False,
     speculative: Any = None,
+    pc: Any = None,
 ) -> GenerationResult | list[GenerationResult]:
     """Generate continuations. A single prompt (str or id list) returns one result, a list of prompts a list.
 
@@ -235,7 +237,18 @@ def generate(
     ``speculative``: a drafter (``jaxspec.drafters``: a name such as "ngram" or "draft-model", or a drafter
     object) for lossless speculative decoding; "draft-model" uses ``draft``. Results then also carry
     ``accepted_per_step`` and ``target_forwards``.
+    ``pc``: a prompt-compression method (``jaxspec.pc``: a config such as ``SpecPC(capacity=1024)``, or a
+    registry name), run first with ``draft``; generation then starts from the compressed prompts, with
+    ``kv=`` (SpecPC + SpecKV reuses the draft's lookahead: SpecKV-PC) or ``speculative=`` if given. Results
+    then carry ``pc`` accounting (``kept_indices`` adds the kept prompt positions).
     """
+    if pc is not None:
+        from jaxspec.pc import make_method as make_pc
+        from jaxspec.pc.pipeline import generate as pc_generate
+
+        return pc_generate(model, prompts, make_pc(pc), draft=draft, kv=kv, speculative=speculative,
+                           max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p, seed=seed,
+                           stop_ids=stop_ids, chat=chat, cache_capacity=cache_capacity, kept_indices=kept_indices)
     if speculative is not None:
         if kv is not None:
             raise InputError("choose either kv compression or speculative decoding, not both")

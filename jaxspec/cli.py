@@ -1,4 +1,4 @@
-"""The ``jaxspec`` command line: generate, methods, convert, plan, inspect, fetch."""
+"""The ``jaxspec`` command line: generate, compress-prompt, methods, convert, plan, inspect, fetch."""
 
 from __future__ import annotations
 
@@ -46,6 +46,7 @@ def cmd_generate(args) -> int:
         raise InputError("give exactly one of --prompt and --prompt-ids")
     prompt = args.prompt if args.prompt is not None else _parse_ids(args.prompt_ids)
     kv = _kv_method(args)
+    pc = _pc_method(args)
     mesh = mesh_from_args(args)
     model = jaxspec.load(args.model, dtype=args.dtype, quiet=args.json, mesh=mesh)
     draft = (jaxspec.load(args.draft, dtype=args.dtype, quiet=args.json, mesh=mesh,
@@ -65,7 +66,7 @@ def cmd_generate(args) -> int:
         top_p=args.top_p, seed=args.seed, chat=args.chat,
         stop_ids=_parse_ids(args.stop_ids) if args.stop_ids is not None else None,
         cache_capacity=args.cache_capacity, kv=kv, draft=draft, kept_indices=args.kept_indices,
-        speculative=speculative,
+        speculative=speculative, pc=pc,
     )
     if jax.process_index() > 0:  # multi-host: every process computed the same result; process 0 prints it
         return 0
@@ -77,6 +78,9 @@ def cmd_generate(args) -> int:
         print(f"[{len(res.token_ids)} tokens, finish={res.finish_reason}, prompt={res.prompt_tokens} tokens, "
               f"load {t['load']:.2f}s, compile {t['compile']:.2f}s, prefill {t['prefill']:.3f}s, "
               f"decode {res.tokens_per_second:.1f} tok/s]", file=sys.stderr)
+        if res.pc is not None:
+            print(f"[pc {res.pc['method']}: {res.pc['tokens_in']} -> {res.pc['tokens_out']} prompt tokens, "
+                  f"draft {res.pc['draft_seconds']:.3f}s]", file=sys.stderr)
     return 0
 
 
@@ -101,12 +105,78 @@ def _kv_method(args):
 
     params = {k: getattr(args, k) for k in KV_PARAMS if getattr(args, k) is not None}
     if args.kv is None:
-        if params or args.kept_indices:
+        if params or (args.kept_indices and args.pc is None):
             raise InputError(f"--{', --'.join(k.replace('_', '-') for k in params) or 'kept-indices'} needs --kv")
         return None
     from jaxspec.kv import make_method
 
     return make_method(args.kv, **params)
+
+
+def _bool(text: str) -> bool:
+    if text.lower() in ("1", "true", "yes", "on"):
+        return True
+    if text.lower() in ("0", "false", "no", "off"):
+        return False
+    raise argparse.ArgumentTypeError(f"expected true or false, got {text!r}")
+
+
+PC_PARAMS = {  # field of some jaxspec.pc method -> (type, help); the CLI flag is --pc-FIELD
+    "capacity": (int, "prompt tokens kept (max_capacity_prompt)"),
+    "window_size": (int, "last prompt tokens always kept (SpecPC: also its query window)"),
+    "kernel_size": (int, "SpecPC pooling kernel"),
+    "neighbor_tokens": (int, "SpecPC neighbourhood kept around each seed (default: kernel size)"),
+    "pool_type": (str, "SpecPC pooling: max or mean"),
+    "reduction_type": (str, "SpecPC reduction over heads, rows, layers, steps: max or mean (a sum)"),
+    "lookahead_tokens": (int, "draft tokens written (SpecPC, SpecPrefill)"),
+    "starting_layer_index": (int, "SpecPC: first draft layer whose attention counts"),
+    "weighted_query": (_bool, "SpecPC: weight the window queries 0 -> 1 (true/false)"),
+    "chunk_size": (int, "SpecPrefill: tokens per averaged chunk"),
+    "seed": (int, "random: seed"),
+}
+
+
+def _pc_method(args):
+    """The --pc method with the --pc-* flags given on the command line (others keep the method's defaults)."""
+    from jaxspec.api import InputError
+
+    params = {k: getattr(args, f"pc_{k}") for k in PC_PARAMS if getattr(args, f"pc_{k}") is not None}
+    if args.pc is None:
+        if params:
+            raise InputError(f"--pc-{', --pc-'.join(k.replace('_', '-') for k in params)} needs --pc")
+        return None
+    from jaxspec.pc import make_method
+
+    return make_method(args.pc, **params)
+
+
+def _add_pc_flags(group) -> None:
+    for name, (typ, text) in PC_PARAMS.items():
+        group.add_argument(f"--pc-{name.replace('_', '-')}", dest=f"pc_{name}", type=typ, help=text)
+
+
+def cmd_compress_prompt(args) -> int:
+    import jaxspec
+    from jaxspec.api import InputError, prepare_request
+    from jaxspec.pc import accounting, compress
+
+    if (args.prompt is None) == (args.prompt_ids is None):
+        raise InputError("give exactly one of --prompt and --prompt-ids")
+    pc = _pc_method(args)
+    model = jaxspec.load(args.model, dtype=args.dtype, quiet=args.json)
+    req = prepare_request(model, args.prompt if args.prompt is not None else _parse_ids(args.prompt_ids), 1,
+                          args.chat, None, None)
+    c = compress(req.ids, pc, draft=model if pc.needs_draft else None, stop_ids=req.stop_ids)
+    ids = c.prompts[0]
+    text = model.tokenizer.decode(ids, skip_special_tokens=False) if model.tokenizer is not None else None
+    if args.json:
+        print(json.dumps({"text": text, "token_ids": ids, "pc": accounting(c, 0, args.kept_indices)}))
+    else:
+        print(text if text is not None else " ".join(map(str, ids)))
+        acc = accounting(c, 0)
+        print(f"[pc {pc.name}: {acc['tokens_in']} -> {acc['tokens_out']} tokens, draft {acc['draft_seconds']:.3f}s"
+              + (f", {acc['note']}" if "note" in acc else "") + "]", file=sys.stderr)
+    return 0
 
 
 def cmd_methods(args) -> int:
@@ -194,11 +264,17 @@ def build_parser() -> argparse.ArgumentParser:
     k = g.add_argument_group("KV-cache compression", "see `jaxspec methods`; unset flags keep the method's defaults")
     k.add_argument("--kv", metavar="METHOD", help="compress the prompt's KV cache with METHOD")
     k.add_argument("--draft", help="draft model (path or registry name) for methods that need one "
-                                   "(speckv; --speculative draft-model)")
-    k.add_argument("--kept-indices", action="store_true", help="add kv.kept_indices[layer][kv_head] to --json")
+                                   "(speckv; --pc specpc, specprefill, draft-ppl; --speculative draft-model)")
+    k.add_argument("--kept-indices", action="store_true",
+                   help="add kv.kept_indices[layer][kv_head] (with --kv) and pc.kept_indices (with --pc) to --json")
     for name, (typ, text) in KV_PARAMS.items():
         flags = [f"--{name.replace('_', '-')}"] + (["--window"] if name == "window_size" else [])
         k.add_argument(*flags, dest=name, type=typ, help=text)
+    pg = g.add_argument_group("prompt compression", "see `jaxspec compress-prompt`; runs before --kv (SpecPC then "
+                                                    "SpecKV reuses the draft's lookahead: SpecKV-PC)")
+    pg.add_argument("--pc", metavar="METHOD", help="compress the prompt with METHOD: specpc, specprefill, "
+                                                   "draft-ppl, recency, random")
+    _add_pc_flags(pg)
     sp = g.add_argument_group("speculative decoding", "lossless: greedy output equals plain greedy decoding")
     sp.add_argument("--speculative", choices=["ngram", "draft-model"], help="drafter (draft-model needs --draft)")
     sp.add_argument("--tree-size", type=int, help="draft nodes verified per target forward, root included "
@@ -213,6 +289,20 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--num-processes", type=int, help="number of processes (with --distributed)")
     s.add_argument("--process-id", type=int, help="this process's index (with --distributed)")
     g.set_defaults(func=cmd_generate)
+
+    cp = sub.add_parser("compress-prompt", help="compress a prompt with a draft model and print the compressed text",
+                        description="Print the prompt that `generate --pc METHOD` hands the target.")
+    cp.add_argument("--model", required=True, help="the draft model (path or registry name); for methods without "
+                                                   "a draft, any model with the target's tokenizer")
+    cp.add_argument("--prompt", help="prompt text")
+    cp.add_argument("--prompt-ids", help="prompt as comma-separated token ids")
+    cp.add_argument("--chat", action="store_true", help="wrap the prompt in the model's chat template")
+    cp.add_argument("--pc", metavar="METHOD", required=True, help="specpc, specprefill, draft-ppl, recency, random")
+    _add_pc_flags(cp)
+    cp.add_argument("--kept-indices", action="store_true", help="add pc.kept_indices to --json")
+    cp.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], help="default float32")
+    cp.add_argument("--json", action="store_true", help="print one JSON object: text, token_ids, pc")
+    cp.set_defaults(func=cmd_compress_prompt)
 
     m = sub.add_parser("methods", help="list the KV-compression methods with their parameters and defaults")
     m.add_argument("--json", action="store_true")

@@ -144,9 +144,11 @@ def check_draft(method: Method, target: Model, draft: Model | None) -> None:
 
 
 def compress(target: Model, prompts: list[list[int]], kv: Method, *, draft: Model | None = None,
-             max_new_tokens: int = 64, stop_ids=(), pad_id: int = 0) -> Compressed:
+             max_new_tokens: int = 64, stop_ids=(), pad_id: int = 0,
+             lookahead: list[list[int]] | None = None) -> Compressed:
     """Compress the KV cache of a batch of token-id prompts with ``kv``. ``max_new_tokens`` is SpecKV's
-    default lookahead length; ``stop_ids`` end the lookahead early (the stop id stays in it)."""
+    default lookahead length; ``stop_ids`` end the lookahead early (the stop id stays in it). ``lookahead``:
+    per-row lookahead tokens already written by the draft (SpecKV-PC reuses SpecPC's): no draft pass."""
     check_draft(kv, target, draft)
     cfg = target.config
     lengths = [len(p) for p in prompts]
@@ -156,8 +158,12 @@ def compress(target: Model, prompts: list[list[int]], kv: Method, *, draft: Mode
     method = kv if any(compressed) else Full()
     timings: dict[str, float] = {"draft": 0.0}
     look = look_len = None
-    lookahead = None
-    if method.lookahead:
+    if method.lookahead and lookahead is not None:
+        look = np.full((len(prompts), bucket(max(map(len, lookahead)))), pad_id, np.int32)
+        for b, r in enumerate(lookahead):
+            look[b, : len(r)] = r
+        look, look_len = jnp.asarray(look), jnp.asarray([len(r) for r in lookahead], jnp.int32)
+    elif method.lookahead:
         steps = kv.lookahead_tokens or max_new_tokens
         Ls = bucket(steps)
         source = target if draft is None else draft
@@ -176,7 +182,8 @@ def compress(target: Model, prompts: list[list[int]], kv: Method, *, draft: Mode
         args = (target.params, cache, scores, logits, batch.tokens, batch.lengths)
         k = method.slots(T, cfg.num_kv_heads)
         cache, logits = _run(compress_cache, args, {"cfg": cfg, "method": method, "k": k}, timings, "score")
-    return Compressed(kv, cache, logits, batch.lengths, lengths, compressed, lookahead, timings)
+    return Compressed(kv, cache, logits, batch.lengths, lengths, compressed, lookahead if method.lookahead else None,
+                      timings)
 
 
 def accounting(c: Compressed, cfg: ModelConfig, kept_indices: bool = False) -> list[dict]:
@@ -224,10 +231,11 @@ def decode(target: Model, c: Compressed, *, max_new_tokens: int = 64, sampling: 
 
 def generate(target: Model, prompts: list[list[int]], kv: Method, *, draft: Model | None = None,
              max_new_tokens: int = 64, sampling: Sampling | None = None, seed: int = 0, stop_ids=(),
-             kept_indices: bool = False) -> list[GenerationResult]:
+             kept_indices: bool = False, lookahead: list[list[int]] | None = None) -> list[GenerationResult]:
     """``compress`` then ``decode``; each result carries ``kv`` accounting and timings split into
     draft, prefill, score (selection + gather + re-feed) and decode."""
-    c = compress(target, prompts, kv, draft=draft, max_new_tokens=max_new_tokens, stop_ids=stop_ids)
+    c = compress(target, prompts, kv, draft=draft, max_new_tokens=max_new_tokens, stop_ids=stop_ids,
+                 lookahead=lookahead)
     out, decode_s, compile_s = decode(target, c, max_new_tokens=max_new_tokens, sampling=sampling, seed=seed,
                                       stop_ids=stop_ids)
     timings = dict(c.timings, decode=decode_s, compile=c.timings["compile"] + compile_s,

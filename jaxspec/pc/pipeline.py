@@ -1,0 +1,288 @@
+"""Prompt compression: jitted stages and the host-level ``compress`` / ``generate``.
+
+Stages (each jitted and compiled once per bucket through ``jaxspec.api.COMPILED``; lengths are arrays, the
+method and model configs static); each ends in the method's ``priority`` and ``keep_top``:
+
+* ``attention_pass`` (specpc, specprefill): the draft prefills the right-padded prompt into an empty cache
+  (an argument: XLA would constant-fold a cache made inside jit; not donated, as no output could reuse it)
+  capturing the method's query rows, then greedily writes ``method.steps`` tokens (per row, stopping at a
+  stop id, which stays in the lookahead), capturing the query of every token it feeds back;
+* ``surprisal_pass`` (draft-ppl): the draft's ``-log p(x_j | x_<j)``, prefilled in chunks under a scan so
+  that only ``[B, chunk, V]`` logits exist at a time;
+* ``select_tokens`` (recency, random): selection alone.
+
+The compressed prompt is then generated from as any prompt is: ``jaxspec.generate`` (plain, ``kv=``,
+``speculative=``) with positions ``0..C-1``; for SpecKV the draft's lookahead tokens are reused (SpecKV-PC:
+no second draft pass). ``specprefill`` keeps the original positions: ``generate_at`` prefills the kept
+tokens at them and decodes from position ``n``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import math
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax import lax
+
+from jaxspec.api import COMPILED, PAD_ID, GenerationResult, InputError, Model, prepare_request
+from jaxspec.cache import KVCache
+from jaxspec.generation import FINISH_NAMES, PREFILL_CLOCK, Sampling, bucket, decode_loop, pad_prompts
+from jaxspec.models.config import ModelConfig
+from jaxspec.models.transformer import AttnCapture, forward
+from jaxspec.pc.base import AttentionMethod, Method, keep_top
+from jaxspec.select import window_scores
+
+
+@functools.partial(jax.jit, static_argnames=("cfg", "method"))
+def attention_pass(params, tokens, lengths, cache, stop_ids, *, cfg: ModelConfig, method: AttentionMethod):
+    """Returns ``(index [B, k], count [B], look [B, steps], look_len [B])``: the kept positions (see
+    ``keep_top``) and the draft's greedy lookahead. ``cache`` (empty) has capacity ``T + method.steps``."""
+    B, T = tokens.shape
+    n = lengths
+    j = jnp.arange(T)[None]
+    prompt = (j < n[:, None])[None, :, None, :]  # [1, B, 1, T]: the prompt keys (slot = position)
+    group, queries = method.capture()
+    index, weight = method.rows(n)
+    logits, cache, attn = window_scores(params, cfg, tokens, jnp.where(j < n[:, None], j, -1), cache, index, weight,
+                                        group=group, queries=queries)
+    score = method.step_score(attn * prompt)
+
+    def is_stop(tok):
+        return (tok[:, None] == stop_ids[None]).any(axis=1)
+
+    steps = method.steps
+    first = jnp.argmax(logits, axis=-1).astype(jnp.int32)
+    look = jnp.zeros((B, steps), jnp.int32).at[:, 0].set(first)
+    count = jnp.ones((B,), jnp.int32)  # tokens written = queries captured (the prefill's, then one per feed)
+    capture = AttnCapture(1, group=group, queries=queries)
+
+    def body(state):
+        step, look, count, live, score, cache = state
+        pos = jnp.where(live, n + step - 1, -1)[:, None]
+        logits, cache, aux = forward(params, cfg, look[:, step - 1][:, None], pos, cache, last_only=True,
+                                     capture=capture, capture_index=jnp.zeros((B, 1), jnp.int32),
+                                     capture_weight=live[:, None].astype(jnp.float32))
+        s = method.step_score(aux["attn"][..., :T] * prompt)  # slots >= n hold the lookahead: masked
+        score = jnp.maximum(score, s) if method.combine == "max" else score + s
+        nxt = jnp.argmax(logits, axis=-1).astype(jnp.int32)
+        look = look.at[:, step].set(jnp.where(live, nxt, 0))
+        count = count + live
+        return step + 1, look, count, live & ~is_stop(nxt) & (count < steps), score, cache
+
+    live = ~is_stop(first) & (count < steps)
+    _, look, count, _, score, _ = lax.while_loop(lambda s: s[3].any(), body,
+                                                 (jnp.int32(1), look, count, live, score, cache))
+    if method.combine == "mean":
+        score = score / count[:, None]
+    index, kept = keep_top(method.priority(score, n), n, min(method.capacity, T))
+    return index, kept, look, count
+
+
+@functools.partial(jax.jit, static_argnames=("cfg", "method", "chunk"))
+def surprisal_pass(params, tokens, lengths, cache, *, cfg: ModelConfig, method: Method, chunk: int):
+    """Score token ``j`` by ``-log p(x_j | x_<j)`` under the draft (token 0: 0), prefilling ``chunk`` tokens
+    at a time into ``cache`` (empty, capacity ``T``); returns ``keep_top``'s ``(index, count)``."""
+    B, T = tokens.shape
+    j = jnp.arange(T)[None]
+    positions = jnp.where(j < lengths[:, None], j, -1)
+    targets = jnp.roll(tokens, -1, axis=1)  # position j predicts token j + 1
+
+    def body(cache, xs):
+        tok, pos, tgt = xs
+        logits, cache, _ = forward(params, cfg, tok, pos, cache)
+        logp = jax.nn.log_softmax(logits, axis=-1)
+        return cache, -jnp.take_along_axis(logp, tgt[..., None], axis=-1)[..., 0]
+
+    def chunks(a):
+        return a.reshape(B, T // chunk, chunk).transpose(1, 0, 2)
+
+    _, s = lax.scan(body, cache, (chunks(tokens), chunks(positions), chunks(targets)))
+    s = s.transpose(1, 0, 2).reshape(B, T)
+    score = jnp.concatenate([jnp.zeros((B, 1), s.dtype), s[:, :-1]], axis=1)
+    return keep_top(method.priority(score, lengths), lengths, min(method.capacity, T))
+
+
+@functools.partial(jax.jit, static_argnames=("method",))
+def select_tokens(lengths, zeros, *, method: Method):
+    """``keep_top`` for methods that need no draft; ``zeros [B, T]`` carries the shape."""
+    return keep_top(method.priority(zeros, lengths), lengths, min(method.capacity, zeros.shape[1]))
+
+
+@functools.partial(jax.jit, static_argnames=("cfg", "max_steps", "pad_id"), donate_argnames=("cache",))
+def generate_at(params, tokens, positions, next_pos, cache, rng, max_new_tokens, stop_ids, sampling, *,
+                cfg: ModelConfig, max_steps: int, pad_id: int = 0):
+    """Prefill ``tokens`` at the given (ascending, ``-1``-padded) ``positions`` into the empty ``cache``, then
+    ``decode_loop`` from ``next_pos``."""
+    logits, cache, _ = forward(params, cfg, tokens, positions, cache, last_only=True, empty_cache=True)
+    return decode_loop(params, cfg, cache, logits, next_pos, rng, max_new_tokens, stop_ids, sampling,
+                       max_steps=max_steps, pad_id=pad_id)
+
+
+@dataclasses.dataclass
+class Compressed:
+    """A compressed prompt batch. ``prompts[b]`` are the kept token ids of row ``b``, ``kept[b]`` their
+    original positions (ascending); ``compressed[b]`` is False where the prompt fit in the capacity (it is
+    returned unchanged). ``lookahead``: the draft's greedy tokens (attention methods), else None.
+    ``timings``: ``draft`` (the draft pass and selection) and ``compile`` seconds."""
+
+    method: Method
+    prompts: list[list[int]]
+    kept: list[list[int]]
+    prompt_lengths: list[int]
+    compressed: list[bool]
+    lookahead: list[list[int]] | None
+    timings: dict[str, float]
+
+
+def _run(fn, args, static, timings):
+    exe, compile_s = COMPILED.get(args, static, fn=fn)
+    timings["compile"] += compile_s
+    t0 = time.perf_counter()
+    out = jax.block_until_ready(exe(*args))
+    timings["draft"] += time.perf_counter() - t0
+    return out
+
+
+def _stops(stop_ids) -> jax.Array:
+    stops = np.full((max(8, len(stop_ids)),), -1, np.int32)
+    stops[: len(stop_ids)] = list(stop_ids)
+    return jnp.asarray(stops)
+
+
+def check_draft(pc: Method, target: Model | None, draft: Model | None) -> None:
+    """Refuse a missing draft, one the method cannot run on, and one whose vocabulary differs from the
+    target's (the draft reads the target's prompt ids, and its lookahead may go to the target). A draft that
+    ``pc`` does not use is allowed: it may serve ``kv=`` or ``speculative=``."""
+    if pc.needs_draft and draft is None:
+        raise InputError(f"pc method {pc.name!r} needs a draft model (draft=..., CLI --draft)")
+    if draft is None:
+        return
+    pc.check(draft.config)
+    if target is None or target is draft:
+        return
+    if draft.config.vocab_size != target.config.vocab_size:
+        raise InputError(f"draft and target vocabularies differ: {draft.config.vocab_size} vs "
+                         f"{target.config.vocab_size} ids")
+    dt, tt = draft.tokenizer, target.tokenizer
+    if dt is not None and tt is not None and dt.backend.get_vocab(True) != tt.backend.get_vocab(True):
+        raise InputError("draft and target tokenizers map tokens to different ids")
+
+
+def compress(prompts: list[list[int]], pc: Method, *, draft: Model | None = None, stop_ids=()) -> Compressed:
+    """Compress a batch of token-id prompts with ``pc`` (``draft``: the draft model of methods that need one;
+    ``stop_ids`` end its lookahead early). Rows with ``len <= capacity`` come back unchanged; when every row
+    does, nothing runs."""
+    check_draft(pc, None, draft)
+    lengths = [len(p) for p in prompts]
+    compressed = [n > pc.capacity for n in lengths]
+    timings = {"draft": 0.0, "compile": 0.0}
+    if not any(compressed):
+        return Compressed(pc, [list(p) for p in prompts], [list(range(n)) for n in lengths], lengths, compressed,
+                          None, timings)
+    batch = pad_prompts(prompts, PAD_ID)
+    B, T = batch.tokens.shape
+    lookahead = None
+    if pc.source == "attention":
+        args = (draft.params, batch.tokens, batch.lengths, KVCache.create(draft.config, B, T + pc.steps),
+                _stops(stop_ids))
+        index, count, look, look_len = _run(attention_pass, args, {"cfg": draft.config, "method": pc}, timings)
+        lookahead = [r[:m].tolist() for r, m in zip(np.asarray(look), np.asarray(look_len))]
+    elif pc.source == "surprisal":
+        args = (draft.params, batch.tokens, batch.lengths, KVCache.create(draft.config, B, T))
+        index, count = _run(surprisal_pass, args, {"cfg": draft.config, "method": pc, "chunk": math.gcd(T, 512)},
+                            timings)
+    else:
+        index, count = _run(select_tokens, (batch.lengths, jnp.zeros((B, T), jnp.float32)), {"method": pc}, timings)
+    kept = [r[:c].tolist() for r, c in zip(np.asarray(index), np.asarray(count))]
+    return Compressed(pc, [[p[i] for i in k] for p, k in zip(prompts, kept)], kept, lengths, compressed, lookahead,
+                      timings)
+
+
+def accounting(c: Compressed, b: int, kept_indices: bool = False) -> dict:
+    """Row ``b``: method and parameters, tokens in and out, whether (and why not) it was compressed, the
+    positions the target sees, draft seconds (the batch's), lookahead length, optionally the kept indices."""
+    n, m = c.prompt_lengths[b], len(c.prompts[b])
+    row = {"method": c.method.name, "params": c.method.params(), "compressed": c.compressed[b], "tokens_in": n,
+           "tokens_out": m, "positions": "original" if c.method.keep_positions else "renumbered",
+           "draft_seconds": c.timings["draft"], "compile_seconds": c.timings["compile"]}
+    if not c.compressed[b]:
+        row["note"] = f"prompt ({n} tokens) fits in capacity {c.method.capacity}: unchanged"
+    if c.lookahead is not None:
+        row["lookahead_tokens"] = len(c.lookahead[b])
+    if kept_indices:
+        row["kept_indices"] = c.kept[b]
+    return row
+
+
+def _generate_at_positions(model: Model, c: Compressed, *, max_new_tokens, sampling, seed, stop_ids):
+    """Generate from the kept tokens at their original positions (``keep_positions`` methods)."""
+    batch = pad_prompts(c.prompts, PAD_ID)
+    B, T = batch.tokens.shape
+    positions = np.full((B, T), -1, np.int32)
+    for b, k in enumerate(c.kept):
+        positions[b, : len(k)] = k
+    max_steps = bucket(max_new_tokens)
+    args = (model.params, batch.tokens, jnp.asarray(positions), jnp.asarray(c.prompt_lengths, jnp.int32),
+            KVCache.create(model.config, B, T + max_steps), jax.random.PRNGKey(seed), jnp.int32(max_new_tokens),
+            _stops(stop_ids), sampling)
+    exe, compile_s = COMPILED.get(args, {"cfg": model.config, "max_steps": max_steps, "pad_id": PAD_ID},
+                                  fn=generate_at)
+    PREFILL_CLOCK.t = None
+    t0 = time.perf_counter()
+    out = jax.block_until_ready(exe(*args))
+    t1 = time.perf_counter()
+    prefill = (PREFILL_CLOCK.t or t1) - t0
+    timings = {"load": model.load_seconds, "compile": compile_s, "prefill": prefill, "decode": t1 - t0 - prefill}
+    tokens, n_gen, reasons = np.asarray(out.tokens), np.asarray(out.num_generated), np.asarray(out.finish_reason)
+    tps = (int(n_gen.sum()) - B) / timings["decode"] if timings["decode"] > 0 else 0.0
+    results = []
+    for b in range(B):
+        gen = tokens[b, : n_gen[b]].tolist()
+        text = model.tokenizer.decode(gen) if model.tokenizer is not None else None
+        results.append(GenerationResult(gen, text, FINISH_NAMES[int(reasons[b])], len(c.prompts[b]), dict(timings),
+                                        tps))
+    return results
+
+
+def generate(model: Model, prompts, pc: Method, *, draft: Model | None = None, kv=None, speculative=None,
+             max_new_tokens: int = 64, temperature: float = 0.0, top_k: int = 0, top_p: float = 1.0, seed: int = 0,
+             stop_ids=None, chat: bool = False, cache_capacity: int | None = None, kept_indices: bool = False):
+    """``jaxspec.generate(..., pc=...)``: compress the prompts with ``pc`` (using ``draft``), then generate
+    from the compressed prompts with the other arguments (``kv=``, ``speculative=``, ...). With ``kv=SpecKV``
+    after an attention method the draft's lookahead from the compression pass is reused (SpecKV-PC: no second
+    draft pass; SpecKV's own ``lookahead_tokens`` then does not apply). Each result carries ``pc``
+    accounting; ``timings["pc_draft"]`` is the compression's draft time."""
+    from jaxspec import api
+    from jaxspec.kv import make_method
+    from jaxspec.kv.pipeline import generate as kv_generate
+
+    req = prepare_request(model, prompts, max_new_tokens, chat, stop_ids, cache_capacity)
+    check_draft(pc, model, draft)
+    if pc.keep_positions and (kv is not None or speculative is not None):
+        raise InputError(f"pc method {pc.name!r} keeps the original positions: it combines with neither kv= nor "
+                         "speculative=")
+    c = compress(req.ids, pc, draft=draft, stop_ids=req.stop_ids)
+    sampling = dict(temperature=temperature, top_k=top_k, top_p=top_p)
+    kv = make_method(kv) if kv is not None else None
+    if pc.keep_positions and any(c.compressed):
+        results = _generate_at_positions(model, c, max_new_tokens=max_new_tokens, sampling=Sampling.make(**sampling),
+                                         seed=seed, stop_ids=req.stop_ids)
+    elif kv is not None and kv.lookahead and kv.needs_draft and c.lookahead is not None:  # SpecKV-PC
+        results = kv_generate(model, c.prompts, kv, draft=draft, lookahead=c.lookahead, max_new_tokens=max_new_tokens,
+                              sampling=Sampling.make(**sampling), seed=seed, stop_ids=req.stop_ids,
+                              kept_indices=kept_indices)
+    else:
+        inner_draft = draft if (kv is not None and kv.needs_draft) or speculative is not None else None
+        results = api.generate(model, c.prompts, max_new_tokens=max_new_tokens, seed=seed, stop_ids=req.stop_ids,
+                               cache_capacity=cache_capacity, kv=kv, draft=inner_draft, kept_indices=kept_indices,
+                               speculative=speculative, **sampling)
+    for b, r in enumerate(results):
+        r.pc = accounting(c, b, kept_indices)
+        r.timings["pc_draft"] = c.timings["draft"]
+        r.timings["compile"] += c.timings["compile"]
+    return results[0] if req.single else results
