@@ -362,11 +362,9 @@ REAL = {  # registry name -> expected (bos_id, eos_ids, add_bos)
 
 @pytest.fixture(scope="module", params=sorted(REAL))
 def real_gguf(request):
-    from jaxspec.fetch import target_path
+    from jaxspec.fetch import fetch
 
-    path = target_path(request.param)
-    if not path.is_file():
-        pytest.skip(f"{path} not fetched (jaxspec.fetch.fetch({request.param!r}))")
+    path = fetch(request.param, quiet=True)  # marker `real`: fetched (pinned, sha256-verified) on first use
     ours = tokenizer_from_gguf(read_metadata(path))
     ref = transformers.AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name)
     return request.param, ours, ref
