@@ -145,6 +145,16 @@ def encode_prompt(model: Model, prompt: str | Sequence[int], chat: bool = False,
     return [int(i) for i in ids]
 
 
+def check_same_vocabulary(target: Model, draft: Model) -> None:
+    """Refuse a draft whose token ids mean something else to the target (draft ids go to it as they are)."""
+    if draft.config.vocab_size != target.config.vocab_size:
+        raise InputError(f"draft and target vocabularies differ: {draft.config.vocab_size} vs "
+                         f"{target.config.vocab_size} ids")
+    dt, tt = draft.tokenizer, target.tokenizer
+    if dt is not None and tt is not None and dt.backend.get_vocab(True) != tt.backend.get_vocab(True):
+        raise InputError("draft and target tokenizers map tokens to different ids")
+
+
 PAD_ID = 0  # token written into padding and finished rows' output slots (never attended to)
 
 

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import hashlib
-import os
 import subprocess
 import sys
 import zipfile
@@ -242,14 +241,8 @@ def test_registry_shape():
         assert all("==" in req for req, _ in e.parts)
 
 
-def _real_selected(config) -> bool:
-    return "real" in (config.getoption("markexpr") or "") or os.environ.get("JAXSPEC_REAL") == "1"
-
-
 @pytest.mark.real
-def test_real_fetch_smollm2(request, tmp_path):
-    if not _real_selected(request.config):
-        pytest.skip("network fetch; run with -m real")
+def test_real_fetch_smollm2(tmp_path):
     e = F.REGISTRY["smollm2-135m-instruct"]
     path = F.fetch(e.name, cache_dir=tmp_path, quiet=True)
     assert path == tmp_path / "models" / e.name / e.filename

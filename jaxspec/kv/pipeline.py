@@ -26,7 +26,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jaxspec.api import COMPILED, GenerationResult, InputError, Model
+from jaxspec.api import COMPILED, GenerationResult, InputError, Model, check_same_vocabulary
 from jaxspec.cache import KVCache
 from jaxspec.generation import FINISH_NAMES, Sampling, bucket, decode_loop, generate_tokens, pad_prompts
 from jaxspec.kv.base import Method
@@ -135,12 +135,7 @@ def check_draft(method: Method, target: Model, draft: Model | None) -> None:
         return
     if not method.needs_draft:
         raise InputError(f"kv method {method.name!r} does not use a draft model")
-    if draft.config.vocab_size != target.config.vocab_size:
-        raise InputError(f"draft and target vocabularies differ: {draft.config.vocab_size} vs "
-                         f"{target.config.vocab_size} ids")
-    dt, tt = draft.tokenizer, target.tokenizer
-    if dt is not None and tt is not None and dt.backend.get_vocab(True) != tt.backend.get_vocab(True):
-        raise InputError("draft and target tokenizers map tokens to different ids")
+    check_same_vocabulary(target, draft)
 
 
 def compress(target: Model, prompts: list[list[int]], kv: Method, *, draft: Model | None = None,

@@ -29,7 +29,8 @@ import jax.numpy as jnp
 import numpy as np
 from jax import lax
 
-from jaxspec.api import COMPILED, PAD_ID, GenerationResult, InputError, Model, prepare_request
+from jaxspec.api import (COMPILED, PAD_ID, GenerationResult, InputError, Model, check_same_vocabulary,
+                         prepare_request)
 from jaxspec.cache import KVCache
 from jaxspec.generation import FINISH_NAMES, PREFILL_CLOCK, Sampling, bucket, decode_loop, pad_prompts
 from jaxspec.models.config import ModelConfig
@@ -165,12 +166,7 @@ def check_draft(pc: Method, target: Model | None, draft: Model | None) -> None:
     pc.check(draft.config)
     if target is None or target is draft:
         return
-    if draft.config.vocab_size != target.config.vocab_size:
-        raise InputError(f"draft and target vocabularies differ: {draft.config.vocab_size} vs "
-                         f"{target.config.vocab_size} ids")
-    dt, tt = draft.tokenizer, target.tokenizer
-    if dt is not None and tt is not None and dt.backend.get_vocab(True) != tt.backend.get_vocab(True):
-        raise InputError("draft and target tokenizers map tokens to different ids")
+    check_same_vocabulary(target, draft)
 
 
 def compress(prompts: list[list[int]], pc: Method, *, draft: Model | None = None, stop_ids=()) -> Compressed:
