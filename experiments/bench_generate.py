@@ -58,12 +58,17 @@ def _best_time(fn, repeats: int) -> float:
 
 
 def measure_roofline(dtype=jnp.float32, repeats: int = 5) -> dict:
-    """fp32 mat-vec bandwidth (bytes of the matrix / time) and matmul FLOP/s with this JAX build."""
-    a = jnp.ones((8192, 8192), dtype)  # 256 MiB in fp32: far larger than any cache
-    x = jnp.ones((8192,), dtype)
+    """Mat-vec bandwidth (bytes of the matrix / time) and matmul FLOP/s in ``dtype`` with this JAX build.
+
+    Sizes grow on accelerators so that the measurement is not dominated by launch latency: the mat-vec
+    matrix is far larger than any cache (256 MiB fp32 on CPU, 1 GiB bf16 elsewhere)."""
+    cpu = jax.default_backend() == "cpu"
+    m = 8192 if cpu else 16384 * 2
+    a = jnp.ones((m, 16384 if not cpu else m), dtype)
+    x = jnp.ones((a.shape[1],), dtype)
     mv = jax.jit(lambda a, x: a @ x)
     t_mv = _best_time(lambda: mv(a, x).block_until_ready(), repeats)
-    n = 2048
+    n = 2048 if cpu else 8192
     b = jnp.ones((n, n), dtype)
     mm = jax.jit(lambda a, b: a @ b)
     t_mm = _best_time(lambda: mm(b, b).block_until_ready(), repeats)
@@ -96,13 +101,20 @@ def bench_jaxspec(model, prompts: list[list[int]], new_tokens: int, repeats: int
 def bench_transformers(ref, prompts: list[list[int]], new_tokens: int, repeats: int) -> dict:
     import torch
 
-    ids = torch.tensor(prompts)
+    ids = torch.tensor(prompts, device=ref.device)
+    sync = torch.cuda.synchronize if ref.device.type == "cuda" else (lambda: None)
 
     def run(n):
-        return ref.generate(ids, max_new_tokens=n, min_new_tokens=n, do_sample=False, pad_token_id=0)
+        out = ref.generate(ids, max_new_tokens=n, min_new_tokens=n, do_sample=False, pad_token_id=0)
+        sync()
+        return out
+
+    def prefill():
+        ref(ids, logits_to_keep=1)
+        sync()
 
     with torch.no_grad():
-        t_prefill = _best_time(lambda: ref(ids, logits_to_keep=1), repeats)
+        t_prefill = _best_time(prefill, repeats)
         out = run(new_tokens)
         t_one = _best_time(lambda: run(1), repeats)  # generate's own overhead + prefill
         t_total = _best_time(lambda: run(new_tokens), max(1, repeats // 2))
@@ -119,23 +131,26 @@ def bench_transformers(ref, prompts: list[list[int]], new_tokens: int, repeats: 
     }
 
 
-def load_reference(model_path: str):
+def load_reference(model_path: str, dtype: str = "float32"):
+    """transformers on the same weights: torch CPU, or CUDA when this JAX run is on a GPU."""
     import torch
     import transformers
 
     torch.set_num_threads(os.cpu_count() or 1)
     p = Path(model_path)
-    kw = {"dtype": torch.float32}
+    kw = {"dtype": getattr(torch, dtype)}
     if p.is_file():
-        return transformers.AutoModelForCausalLM.from_pretrained(p.parent, gguf_file=p.name, **kw).eval()
-    return transformers.AutoModelForCausalLM.from_pretrained(p, **kw).eval()
+        ref = transformers.AutoModelForCausalLM.from_pretrained(p.parent, gguf_file=p.name, **kw)
+    else:
+        ref = transformers.AutoModelForCausalLM.from_pretrained(p, **kw)
+    return ref.to("cuda" if jax.default_backend() == "gpu" else "cpu").eval()
 
 
 def rooflines(cfg, model, roof: dict, prompt_len: int, new_tokens: int, batch: int) -> dict:
     """Tokens/s bounds: decode by bytes read per step over measured bandwidth, prefill by FLOPs over
     measured matmul throughput."""
     param_bytes = sum(x.nbytes for x in jax.tree.leaves(model.params))
-    embed_bytes = cfg.vocab_size * cfg.hidden_size * np.dtype(cfg.param_dtype).itemsize
+    embed_bytes = cfg.vocab_size * cfg.hidden_size * jnp.dtype(cfg.param_dtype).itemsize
     read_bytes = param_bytes - (0 if cfg.tie_word_embeddings else embed_bytes)  # embedding: one row per token
     kv_bytes = cfg.kv_bytes_per_token() * (prompt_len + new_tokens // 2) * batch
     # prefill computes no LM head (last position only) and gathers embeddings: matmul FLOPs are the layers'
@@ -169,7 +184,12 @@ def main(argv=None) -> dict:
     ap.add_argument("--new-tokens", type=int, default=64)
     ap.add_argument("--batch", type=int, nargs="+", default=[1], help="one or more batch sizes (decode)")
     ap.add_argument("--repeats", type=int, default=3)
-    ap.add_argument("--reference", action="store_true", help="also run transformers (torch CPU) on the same prompts")
+    ap.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"],
+                    help="param/compute dtype (fp32 on CPU; bf16 is for GPU/TPU), also the reference's")
+    ap.add_argument("--layout", choices=["stacked", "unstacked"],
+                    help="per-layer weight layout (default: jaxspec.load's choice for this backend)")
+    ap.add_argument("--reference", action="store_true",
+                    help="also run transformers on the same prompts (torch CPU, or CUDA on a GPU run)")
     ap.add_argument("--warm-load", action="store_true", help="also convert to orbax and time the reload")
     ap.add_argument("--out", help="write the JSON here as well")
     ap.add_argument("--check", metavar="BASELINE_JSON",
@@ -180,7 +200,7 @@ def main(argv=None) -> dict:
     from jaxspec.fetch import resolve_model
 
     path = resolve_model(args.model)
-    model = jaxspec.load(path)
+    model = jaxspec.load(path, dtype=args.dtype, layout=args.layout)
     cfg = model.config
     load = {"cold_s": model.load_seconds}
     if args.warm_load:
@@ -198,7 +218,7 @@ def main(argv=None) -> dict:
     def prompts(batch, length):
         return rng.integers(100, min(cfg.vocab_size, 30000), (batch, length)).tolist()
 
-    roof = measure_roofline()
+    roof = measure_roofline(jnp.dtype(args.dtype))
     runs = []
     cases = [(1, n) for n in args.prompt_len] + [(b, args.prompt_len[0]) for b in args.batch if b != 1]
     for b, n in cases:
@@ -208,7 +228,7 @@ def main(argv=None) -> dict:
     param_bytes = sum(x.nbytes for x in jax.tree.leaves(model.params))
     del model
     if args.reference:
-        ref = load_reference(path)
+        ref = load_reference(path, args.dtype)
         for r in runs:
             r["transformers"] = bench_transformers(ref, r["prompts"], args.new_tokens, args.repeats)
     table = []
@@ -234,7 +254,8 @@ def main(argv=None) -> dict:
         "machine": machine_info(),
         "model": {"source": args.model if not Path(args.model).exists() else Path(args.model).name,
                   "file": Path(path).name, "model_type": cfg.model_type, "params": cfg.num_params(),
-                  "param_bytes": param_bytes, "dtype": cfg.dtype, "load": load},
+                  "param_bytes": param_bytes, "dtype": cfg.dtype, "load": load,
+                  "layout": args.layout or "unstacked"},
         "roofline": roof,
         "runs": table,
         "ratios": {k: v for k, v in first.items() if k.endswith(("_vs_roofline", "_vs_transformers"))},

@@ -44,13 +44,14 @@ def load(path: str | os.PathLike, *, dtype: str | None = None, quiet: bool = Fal
     """Load a model from an HF directory, a GGUF file, a ``jaxspec convert`` checkpoint, or a registry name.
 
     ``dtype`` overrides the compute/param dtype (default float32; "bfloat16" for TPU/GPU).
-    ``layout``: "unstacked" (one weight set per layer, unrolled — the default on CPU, where XLA copies
-    scanned weight slices) or "stacked" (``nn.scan`` over ``[L, ...]`` weights — the default elsewhere).
+    ``layout``: "unstacked" (one weight set per layer, unrolled — the default) or "stacked" (``nn.scan`` over
+    ``[L, ...]`` weights: compiles 2–3× faster, decodes slower). XLA copies each scanned layer's weight slice
+    before its matmuls, which halves decode speed on CPU and on an H100 alike (docs/results.md).
     ``mesh`` (``jaxspec.make_mesh``): params placed on it by ``rules`` (default ``ShardingRules()``), straight
     from the file for HF and orbax checkpoints; dimensions the mesh cannot split are replicated (listed on
     stderr unless ``quiet``).
     """
-    layout = layout or ("unstacked" if jax.default_backend() == "cpu" else "stacked")
+    layout = layout or "unstacked"
     if layout not in ("stacked", "unstacked"):
         raise InputError(f"layout must be 'stacked' or 'unstacked', got {layout!r}")
     from jaxspec.conversion import checkpoint, hf
