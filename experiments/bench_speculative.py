@@ -2,11 +2,18 @@
 
     python -m experiments.bench_speculative --model qwen2.5-coder-1.5b-instruct \
         --draft qwen2.5-coder-0.5b-instruct --problems 8 --new-tokens 128 \
-        --methods ar ngram draft-model --tree-sizes 3 5 7 [--out run.json]
+        --methods ar ngram draft-model aded --tree-sizes 3 5 7 [--out run.json]
 
 For every method (and tree size): mean accepted drafts per step, tokens per target forward, decode
 tokens/s and the speedup over our own autoregressive decoding measured in the same process on the same
 prompts. Greedy outputs are checked token-identical to AR (the lossless promise).
+
+ADED (``aded``; ``aded-intended``: the intended MCTS value; ``aded-noadapt``: no adaptive update) uses a
+tri-gram table built from the Python standard library's ``.py`` sources with the target's tokenizer, cached
+under ``~/.cache/jaxspec/trigram/`` (``$JAXSPEC_CACHE``) per model and Python version. Every (method, tree
+size) starts from the freshly loaded table and adapts it across the prompts (the compile run included), as
+the reference's Reader persists across an evaluation. ADED drafts on the host and reports its search time
+per verification step (``drafting_ms_per_step``).
 """
 
 from __future__ import annotations
@@ -30,12 +37,34 @@ def humaneval_prompts(n: int) -> list[str]:
     return [p["prompt"] for p in problems[:n]]
 
 
+ADED_VARIANTS = {"aded": {}, "aded-intended": {"value": "intended"}, "aded-noadapt": {"adapt": False}}
+
+
+def stdlib_table(model_name: str, model):
+    """The tri-gram table of the standard library's .py files (site-packages excluded) in the target's tokens,
+    cached per model name and Python version (built once: about a minute)."""
+    import sysconfig
+
+    from jaxspec.drafters.trigram import TrigramTable, build_from_files
+    from jaxspec.fetch import cache_root
+
+    path = cache_root() / "trigram" / f"{Path(model_name).name}-stdlib-py{sys.version_info[0]}.{sys.version_info[1]}.npz"
+    if not path.exists():
+        lib = Path(sysconfig.get_paths()["stdlib"])
+        files = sorted(p for p in lib.rglob("*.py") if not {"site-packages", "dist-packages"} & set(p.parts))
+        table, summary = build_from_files(files, model.tokenizer, model.config.vocab_size, progress=True)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        table.save(path)
+        print(f"tri-gram table {path}: {summary}", file=sys.stderr)
+    return path
+
+
 def run_method(model, prompts, new_tokens, speculative=None, draft=None) -> dict:
     import jaxspec
 
     kw = {"speculative": speculative, "draft": draft} if speculative else {}
     jaxspec.generate(model, prompts[0], max_new_tokens=new_tokens, stop_ids=[], **kw)  # compile
-    tokens, decode_s, generated, accepted, forwards = [], 0.0, 0, [], 0
+    tokens, decode_s, generated, accepted, forwards, drafting_s = [], 0.0, 0, [], 0, 0.0
     for p in prompts:
         r = jaxspec.generate(model, p, max_new_tokens=new_tokens, stop_ids=[], **kw)
         tokens.append(r.token_ids)
@@ -44,10 +73,15 @@ def run_method(model, prompts, new_tokens, speculative=None, draft=None) -> dict
         if speculative:
             accepted.append(r.accepted_per_step["mean"])
             forwards += r.target_forwards
+            drafting_s += r.timings.get("drafting", 0.0)
     out = {"decode_s": decode_s, "decode_tokens_per_s": generated / decode_s, "tokens": tokens}
     if speculative:
+        steps = forwards - len(prompts)  # verification forwards (each prompt also had a prefill)
         out |= {"accepted_per_step": float(np.mean(accepted)), "tokens_per_target_forward": float(np.mean(accepted)) + 1,
                 "target_forwards": forwards}
+        if drafting_s:
+            out |= {"drafting_s": drafting_s, "drafting_ms_per_step": 1e3 * drafting_s / max(steps, 1),
+                    "drafting_share_of_decode": drafting_s / decode_s}
     return out
 
 
@@ -57,7 +91,8 @@ def main(argv=None) -> dict:
     ap.add_argument("--draft", help="draft model for draft-model")
     ap.add_argument("--problems", type=int, default=8, help="first N HumanEval problems")
     ap.add_argument("--new-tokens", type=int, default=128)
-    ap.add_argument("--methods", nargs="+", default=["ar", "ngram"], choices=["ar", "ngram", "draft-model"])
+    ap.add_argument("--methods", nargs="+", default=["ar", "ngram"],
+                    choices=["ar", "ngram", "draft-model", *ADED_VARIANTS])
     ap.add_argument("--tree-sizes", type=int, nargs="+", default=[5])
     ap.add_argument("--out")
     args = ap.parse_args(argv)
@@ -66,14 +101,21 @@ def main(argv=None) -> dict:
     from experiments.bench_generate import machine_info
     from jaxspec.drafters import make_drafter
 
+    from jaxspec.drafters.trigram import TrigramTable
+
     model = jaxspec.load(args.model, quiet=True)
     draft = jaxspec.load(args.draft, quiet=True) if "draft-model" in args.methods else None
+    table = stdlib_table(args.model, model) if set(args.methods) & set(ADED_VARIANTS) else None
     prompts = humaneval_prompts(args.problems)
     ar = run_method(model, prompts, args.new_tokens)
     rows = [{"method": "ar", "tree_size": 1, **ar, "speedup": 1.0, "identical_to_ar": True}]
     for method in (m for m in args.methods if m != "ar"):
         for t in args.tree_sizes:
-            r = run_method(model, prompts, args.new_tokens, make_drafter(method, tree_size=t), draft)
+            if method in ADED_VARIANTS:  # a fresh table: no adaptation carried over from another run
+                drafter = make_drafter("aded", tree_size=t, table=TrigramTable.load(table), **ADED_VARIANTS[method])
+            else:
+                drafter = make_drafter(method, tree_size=t)
+            r = run_method(model, prompts, args.new_tokens, drafter, draft)
             rows.append({"method": method, "tree_size": t, **r,
                          "speedup": r["decode_tokens_per_s"] / ar["decode_tokens_per_s"],
                          "identical_to_ar": r["tokens"] == ar["tokens"]})
@@ -81,19 +123,21 @@ def main(argv=None) -> dict:
         r.pop("tokens")
     result = {"benchmark": "speculative", "date": time.strftime("%Y-%m-%d %H:%M:%S"),
               "command": "python -m experiments.bench_speculative " + " ".join(argv if argv is not None else sys.argv[1:]),
-              "machine": machine_info(), "settings": vars(args), "rows": rows}
+              "machine": machine_info(), "settings": vars(args),
+              **({"trigram_table": str(table)} if table else {}), "rows": rows}
     text = json.dumps(result, indent=2)
     print(text)
     if args.out:
         tmp = Path(args.out).with_suffix(".tmp")
         tmp.write_text(text)
         os.replace(tmp, args.out)
-    lines = ["| method | tree | accepted/step | tokens/forward | decode tok/s | speedup vs AR | identical |",
-             "|---|---:|---:|---:|---:|---:|---|"]
+    lines = ["| method | tree | accepted/step | tokens/forward | decode tok/s | speedup vs AR | drafting ms/step "
+             "| identical |", "|---|---:|---:|---:|---:|---:|---:|---|"]
     for r in rows:
+        ms = f"{r['drafting_ms_per_step']:.2f}" if "drafting_ms_per_step" in r else "-"
         lines.append(f"| {r['method']} | {r['tree_size']} | {r.get('accepted_per_step', 0):.2f} | "
                      f"{r.get('tokens_per_target_forward', 1):.2f} | {r['decode_tokens_per_s']:.2f} | "
-                     f"{r['speedup']:.2f}x | {r['identical_to_ar']} |")
+                     f"{r['speedup']:.2f}x | {ms} | {r['identical_to_ar']} |")
     print("\n".join(lines), file=sys.stderr)
     return result
 

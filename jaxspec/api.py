@@ -246,8 +246,8 @@ def generate(
     registry name) applied to the prompt's cache; ``draft`` is the draft model of methods that need one.
     Each result then carries ``kv`` accounting (``kept_indices`` adds the kept positions).
     ``speculative``: a drafter (``jaxspec.drafters``: a name such as "ngram" or "draft-model", or a drafter
-    object) for lossless speculative decoding; "draft-model" uses ``draft``. Results then also carry
-    ``accepted_per_step`` and ``target_forwards``.
+    object such as ``ADED(table=TrigramTable.load(path))``) for lossless speculative decoding; "draft-model"
+    uses ``draft``. Results then also carry ``accepted_per_step`` and ``target_forwards``.
     ``pc``: a prompt-compression method (``jaxspec.pc``: a config such as ``SpecPC(capacity=1024)``, or a
     registry name), run first with ``draft``; generation then starts from the compressed prompts, with
     ``kv=`` (SpecPC + SpecKV reuses the draft's lookahead: SpecKV-PC) or ``speculative=`` if given. Results

@@ -1,4 +1,4 @@
-"""The ``jaxspec`` command line: generate, compress-prompt, methods, convert, plan, inspect, fetch."""
+"""The ``jaxspec`` command line: generate, compress-prompt, trigram, methods, convert, plan, inspect, fetch."""
 
 from __future__ import annotations
 
@@ -18,7 +18,7 @@ def _user_errors() -> tuple[type[BaseException], ...]:
     errors: list[type[BaseException]] = [InputError, CheckpointFormatError, CheckpointError, FetchError,
                                          ConfigError, FileNotFoundError]
     for mod, name in (("jaxspec.conversion.gguf", "GGUFError"), ("jaxspec.conversion.tokenizer", "TokenizerError"),
-                      ("jaxspec.sharding", "ShardingError")):
+                      ("jaxspec.sharding", "ShardingError"), ("jaxspec.drafters.trigram", "TrigramTableError")):
         try:
             errors.append(getattr(__import__(mod, fromlist=[name]), name))
         except (ImportError, AttributeError):
@@ -47,20 +47,11 @@ def cmd_generate(args) -> int:
     prompt = args.prompt if args.prompt is not None else _parse_ids(args.prompt_ids)
     kv = _kv_method(args)
     pc = _pc_method(args)
+    speculative = _drafter(args)  # before loading the model: a bad table file fails fast
     mesh = mesh_from_args(args)
     model = jaxspec.load(args.model, dtype=args.dtype, quiet=args.json, mesh=mesh)
     draft = (jaxspec.load(args.draft, dtype=args.dtype, quiet=args.json, mesh=mesh,
                           rules=None if mesh is None else ShardingRules.replicated()) if args.draft else None)
-    speculative = None
-    if args.speculative:
-        from jaxspec.drafters import make_drafter
-
-        try:
-            speculative = make_drafter(args.speculative, tree_size=args.tree_size)
-        except ValueError as e:
-            raise InputError(str(e)) from e
-    elif args.tree_size is not None:
-        raise InputError("--tree-size needs --speculative")
     res = jaxspec.generate(
         model, prompt, max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_k=args.top_k,
         top_p=args.top_p, seed=args.seed, chat=args.chat,
@@ -81,6 +72,90 @@ def cmd_generate(args) -> int:
         if res.pc is not None:
             print(f"[pc {res.pc['method']}: {res.pc['tokens_in']} -> {res.pc['tokens_out']} prompt tokens, "
                   f"draft {res.pc['draft_seconds']:.3f}s]", file=sys.stderr)
+    return 0
+
+
+def _drafter(args):
+    """The --speculative drafter with its flags (--tree-size; for aded --trigram, --aded-value, --no-adapt)."""
+    from jaxspec.api import InputError
+
+    aded_flags = [f for f, v in (("--trigram", args.trigram), ("--aded-value", args.aded_value),
+                                 ("--no-adapt", args.no_adapt)) if v]
+    if not args.speculative:
+        flags = (["--tree-size"] if args.tree_size is not None else []) + aded_flags
+        if flags:
+            raise InputError(f"{', '.join(flags)} needs --speculative")
+        return None
+    from jaxspec.drafters import make_drafter
+
+    options = {}
+    if args.speculative == "aded":
+        if args.trigram is None:
+            raise InputError("--speculative aded needs --trigram FILE (make one with `jaxspec trigram build`)")
+        from jaxspec.drafters.trigram import TrigramTable
+
+        options = dict(table=TrigramTable.load(args.trigram), value=args.aded_value or "released",
+                       adapt=not args.no_adapt)
+    elif aded_flags:
+        raise InputError(f"{', '.join(aded_flags)} apply to --speculative aded only")
+    try:
+        return make_drafter(args.speculative, tree_size=args.tree_size, **options)
+    except ValueError as e:
+        raise InputError(str(e)) from e
+
+
+def _tokenizer_and_vocab(name: str):
+    """The model's tokenizer and vocabulary size without reading its weights (GGUF: header only)."""
+    from pathlib import Path
+
+    from jaxspec.api import InputError, _maybe_tokenizer
+    from jaxspec.conversion import checkpoint
+    from jaxspec.fetch import resolve_model
+    from jaxspec.models.config import ModelConfig
+
+    path = Path(resolve_model(name, quiet=True))
+    if path.is_file():
+        from jaxspec.conversion.gguf import GGUFFile, config_from_gguf
+        from jaxspec.conversion.tokenizer import tokenizer_from_gguf
+
+        f = GGUFFile(path)
+        return tokenizer_from_gguf(f.metadata), config_from_gguf(f.metadata, f.tensors).vocab_size
+    if checkpoint.is_checkpoint(path):
+        tok, cfg = _maybe_tokenizer(path / "tokenizer"), checkpoint.load_checkpoint_config(path)
+    else:
+        tok, cfg = _maybe_tokenizer(path), ModelConfig.from_hf_config(path)
+    if tok is None:
+        raise InputError(f"{path} has no tokenizer: the tri-gram table must be built with the target's tokenizer")
+    return tok, cfg.vocab_size
+
+
+def cmd_trigram_build(args) -> int:
+    import glob
+    import os
+
+    from jaxspec.api import InputError
+    from jaxspec.drafters.trigram import build_from_files
+
+    if args.top_k < 1:
+        raise InputError(f"--top-k must be >= 1, got {args.top_k}")
+    if not os.path.isdir(os.path.dirname(os.path.abspath(args.out))):
+        raise InputError(f"--out {args.out!r}: no such directory")
+    files = []
+    for pattern in args.input:
+        matched = sorted(p for p in glob.glob(os.path.expanduser(pattern), recursive=True) if os.path.isfile(p))
+        if not matched:
+            raise InputError(f"--input {pattern!r} matches no file")
+        files += matched
+    files = list(dict.fromkeys(files))
+    tokenizer, vocab_size = _tokenizer_and_vocab(args.model)
+    table, summary = build_from_files(files, tokenizer, vocab_size, top_k=args.top_k, progress=not args.quiet)
+    table.save(args.out)
+    summary = {"out": args.out, "vocab_size": vocab_size, "top_k": args.top_k, **summary}
+    if args.json:
+        print(json.dumps(summary))
+    else:
+        print(f"{args.out}: {summary['contexts']} contexts from {summary['tokens']} tokens in {summary['files']} "
+              f"files ({summary['skipped']} not UTF-8, skipped), {summary['seconds']:.1f}s")
     return 0
 
 
@@ -276,9 +351,14 @@ def build_parser() -> argparse.ArgumentParser:
                                                    "draft-ppl, recency, random")
     _add_pc_flags(pg)
     sp = g.add_argument_group("speculative decoding", "lossless: greedy output equals plain greedy decoding")
-    sp.add_argument("--speculative", choices=["ngram", "draft-model"], help="drafter (draft-model needs --draft)")
+    sp.add_argument("--speculative", choices=["aded", "ngram", "draft-model"],
+                    help="drafter (draft-model needs --draft, aded --trigram)")
     sp.add_argument("--tree-size", type=int, help="draft nodes verified per target forward, root included "
-                                                  "(default: the drafter's)")
+                                                  "(default: the drafter's; aded: 65)")
+    sp.add_argument("--trigram", metavar="FILE", help="aded: tri-gram table from `jaxspec trigram build`")
+    sp.add_argument("--aded-value", choices=["released", "intended"],
+                    help="aded MCTS value: the reference code's (released, default) or the true trigram weights")
+    sp.add_argument("--no-adapt", action="store_true", help="aded: no adaptive table update while decoding")
     s = g.add_argument_group("sharding", "see docs/sharding.md")
     s.add_argument("--mesh", help="device mesh, e.g. data=2,model=4 (default with several devices: all of a host's "
                                   "devices on model, hosts on data)")
@@ -303,6 +383,20 @@ def build_parser() -> argparse.ArgumentParser:
     cp.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], help="default float32")
     cp.add_argument("--json", action="store_true", help="print one JSON object: text, token_ids, pc")
     cp.set_defaults(func=cmd_compress_prompt)
+
+    tg = sub.add_parser("trigram", help="ADED tri-gram tables")
+    tsub = tg.add_subparsers(dest="trigram_command", required=True)
+    tb = tsub.add_parser("build", help="count the trigrams of text files tokenised with a model's tokenizer",
+                         description="Build an ADED tri-gram table (top-K successors per context) from text files "
+                                     "tokenised with the target model's tokenizer; only the tokenizer is loaded.")
+    tb.add_argument("--model", required=True, help="the target model (path or registry name) whose tokenizer to use")
+    tb.add_argument("--input", nargs="+", required=True, metavar="GLOB",
+                    help="text files or glob patterns (** recurses), e.g. 'corpus/**/*.py'; one text per file")
+    tb.add_argument("--out", required=True, help="output .npz file (written atomically)")
+    tb.add_argument("--top-k", type=int, default=12, help="successors kept per context (default 12)")
+    tb.add_argument("--quiet", action="store_true", help="no progress bar")
+    tb.add_argument("--json", action="store_true", help="print one JSON summary: contexts, tokens, files, seconds")
+    tb.set_defaults(func=cmd_trigram_build)
 
     m = sub.add_parser("methods", help="list the KV-compression methods with their parameters and defaults")
     m.add_argument("--json", action="store_true")

@@ -10,6 +10,9 @@ Protocol (see ``jaxspec.speculative`` for the loop that calls it):
     T, the static number of tree nodes including the root.
 ``prepare(draft_model) -> (drafter, dparams)``
     Host side, once per request: bind what the drafter needs (e.g. the draft model's config and params).
+``check(model)`` (optional)
+    Host side, once per request: raise ValueError when the drafter cannot serve this target (ADED: a table
+    built for another vocabulary).
 ``init(dparams, prompt_tokens, prompt_lengths, capacity) -> state``
     After the target's prefill: the drafter's loop state (a pytree), e.g. a prefilled draft KV cache.
 ``propose(dparams, state, hist, hist_len, live, rng, sampling) -> (Proposal, state)``
@@ -38,26 +41,35 @@ class Proposal:
 
 
 def _registry():
+    from jaxspec.drafters.aded import ADED
     from jaxspec.drafters.draft_model import DraftModel
     from jaxspec.drafters.ngram import NGram
 
-    return {"ngram": NGram, "draft-model": DraftModel}
+    return {"aded": ADED, "ngram": NGram, "draft-model": DraftModel}
 
 
 def make_drafter(name: str, tree_size: int | None = None, **options):
-    """Build a registered drafter by name ("ngram", "draft-model") with its dataclass options.
+    """Build a registered drafter by name ("aded", "ngram", "draft-model") with its dataclass options.
 
     ``tree_size`` (the CLI's ``--tree-size``) is the number of verified tokens per step, root included: the
-    chain drafters get ``k = tree_size - 1`` draft tokens.
+    chain drafters get ``k = tree_size - 1`` draft tokens, ADED a node budget of ``tree_size - 1``. ADED
+    needs ``table``: a ``TrigramTable`` or the path of one saved by ``jaxspec trigram build``.
     """
-    table = _registry()
-    if name not in table:
-        raise ValueError(f"unknown drafter {name!r}; choose from {sorted(table)}")
+    registry = _registry()
+    if name not in registry:
+        raise ValueError(f"unknown drafter {name!r}; choose from {sorted(registry)}")
     if tree_size is not None:
         if tree_size < 2:
             raise ValueError(f"tree_size must be >= 2 (the root and a draft), got {tree_size}")
-        options["k"] = tree_size - 1
-    return table[name](**options)
+        options["budget" if name == "aded" else "k"] = tree_size - 1
+    if name == "aded":
+        from jaxspec.drafters.trigram import TrigramTable
+
+        if options.get("table") is None:
+            raise ValueError("the aded drafter needs a tri-gram table (table=TrigramTable or a path; CLI: --trigram)")
+        if not isinstance(options["table"], TrigramTable):
+            options["table"] = TrigramTable.load(options["table"])
+    return registry[name](**options)
 
 
 __all__ = ["Proposal", "make_drafter"]
