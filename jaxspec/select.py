@@ -11,6 +11,7 @@ data-dependent ``k``), so one compiled program serves a whole bucket of prompt l
   (stride 1, padding ``k // 2``; max pads with -inf, mean pads with zeros and always divides by ``k``).
 * ``candidate_scores``: zero every non-candidate key, then pool, so pooling never reads window or
   padding keys (equivalent to pooling the candidate prefix alone, as the reference code does).
+  These two live in ``jaxspec.models.sparse``: SpecKV's sparse prefill ranks inside every layer.
 * ``select``: static-``k`` top-k per (layer, row, kv head) of the candidates ``[0, start)``, plus the
   protected recent window ``[start, end)`` which is always kept, under a per-(layer, row, head) budget
   mask inside the one static capacity ``k``.
@@ -32,10 +33,11 @@ import jax.numpy as jnp
 from jax import lax
 
 from jaxspec.cache import KVCache
+from jaxspec.models.sparse import POOLS, candidate_scores, pool1d
 from jaxspec.models.transformer import AttnCapture, forward
 
 REDUCTIONS = ("max", "mean", "sum")
-POOLS = ("max", "mean")
+__all__ = ["POOLS", "REDUCTIONS", "candidate_scores", "gather", "pool1d", "query_rows", "select", "window_scores"]
 
 
 def query_rows(start, count, num: int, how: str):
@@ -53,40 +55,20 @@ def query_rows(start, count, num: int, how: str):
     return jnp.maximum(idx, 0), w
 
 
-def window_scores(params, cfg, tokens, positions, cache, index, weight, *, group: str, queries: str):
+def window_scores(params, cfg, tokens, positions, cache, index, weight, *, group: str, queries: str, sparse=None):
     """Prefill ``tokens [B, T]`` (``positions`` ``-1`` = padding) into the empty ``cache`` (capacity ``T``)
     and capture the attention of the query rows ``index`` (weighted by ``weight``), reduced over the GQA
     group (``group``) and the rows (``queries``). Returns ``(last_logits [B, V], cache, scores [L, B, Hkv,
-    T])``; ``scores[..., j]`` is the reduced probability mass on the key at slot (= position) ``j``."""
+    T])``; ``scores[..., j]`` is the reduced probability mass on the key at slot (= position) ``j``.
+    ``sparse``: ``(VerticalSlash, rows [B], start [B])`` for a vertical-slash sparse prefill whose layers
+    take their vertical columns from these scores (``forward``'s ``sparse``, ``sparse_rows``,
+    ``sparse_start``), or ``None`` (dense)."""
     capture = AttnCapture(index.shape[1], group=group, queries=queries)
+    pattern, rows, start = sparse if sparse is not None else (None, None, None)
     logits, cache, aux = forward(params, cfg, tokens, positions, cache, last_only=True, empty_cache=True,
-                                 capture=capture, capture_index=index, capture_weight=weight)
+                                 capture=capture, capture_index=index, capture_weight=weight,
+                                 sparse=pattern, sparse_rows=rows, sparse_start=start)
     return logits, cache, aux["attn"][..., cache.capacity:]  # keys: the (empty) cache slots, then the new tokens
-
-
-def pool1d(x, kernel_size: int, pool_type: str):
-    """1-D pooling along the last axis, stride 1, output length = input length (PyTorch semantics with
-    ``padding = kernel_size // 2``): "max" pads with -inf (max over the available neighbours), "mean" pads
-    with zeros and divides by ``kernel_size`` (``count_include_pad=True``). ``kernel_size`` must be odd."""
-    if kernel_size < 1 or kernel_size % 2 == 0:
-        raise ValueError(f"kernel_size must be odd and >= 1, got {kernel_size}")
-    if pool_type not in POOLS:
-        raise ValueError(f"pool_type must be one of {POOLS}, got {pool_type!r}")
-    dims = (1,) * (x.ndim - 1) + (kernel_size,)
-    strides = (1,) * x.ndim
-    pad = ((0, 0),) * (x.ndim - 1) + ((kernel_size // 2, kernel_size // 2),)
-    if pool_type == "max":
-        return lax.reduce_window(x, -jnp.inf, lax.max, dims, strides, pad)
-    return lax.reduce_window(x, 0.0, lax.add, dims, strides, pad) / kernel_size
-
-
-def candidate_scores(scores, start, kernel_size: int, pool_type: str):
-    """Pool ``scores [L, B, H, N]`` over the candidate prefix ``[0, start[b])`` only: other keys are zeroed
-    first. Scores are probabilities (>= 0), so a zero neighbour never changes a max, and a zero is exactly
-    the padding of a mean pool: the result on candidates equals pooling the prefix alone."""
-    keys = jnp.arange(scores.shape[-1])
-    cand = keys[None, None, None, :] < start[None, :, None, None]
-    return pool1d(jnp.where(cand, scores, 0.0), kernel_size, pool_type)
 
 
 def select(scores, start, end, budget, k: int):

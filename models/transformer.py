@@ -25,6 +25,12 @@ query's position, and (b) the new tokens of this call: by default causally by po
 explicit ``mask_info[b, q, k]`` (tree attention for speculative verification). Valid new tokens must
 form a prefix of the ``T`` axis; they are written into the cache at ``cache.length[b]`` and the
 length advances by their count. Padding tokens are never written.
+
+Sparse prefill. ``forward(..., sparse=VerticalSlash(...))`` (SpecKV's vertical-slash prefill, see
+``models/sparse.py``) makes every layer score before it attends: the captured rows' fp32 softmax over all
+keys (dense, as the reference's ``compress_kv``) is reduced, pooled, and its top columns per kv head plus a
+local band form the pattern that every query row of that layer attends under. Later layers therefore see
+the sparse outputs (pitfall P16), and the captured scores are those of the sparse forward.
 """
 
 from __future__ import annotations
@@ -36,13 +42,14 @@ from typing import Any
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
-import numpy as np
 from jax import lax
 
 from .config import ModelConfig, rope_inv_freq
+from .sparse import MASK_VALUE as _MASK_VALUE
+from .sparse import (VerticalSlash, blocked_attention, causal_rows, masked_attention, vertical_columns,
+                     vertical_slash_mask)
 
 Params = dict[str, Any]
-_MASK_VALUE = -0.7 * float(np.finfo(np.float32).max)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -125,9 +132,11 @@ class Attention(nn.Module):
     cfg: ModelConfig
     capture: AttnCapture | None = None
     attend_cache: bool = True
+    sparse: VerticalSlash | None = None
 
     @nn.compact
-    def __call__(self, x, cos, sin, positions, new_mask, cache_k, cache_v, cache_pos, cache_len, cap_index, cap_weight):
+    def __call__(self, x, cos, sin, positions, new_mask, cache_k, cache_v, cache_pos, cache_len, cap_index, cap_weight,
+                 sparse_rows, sparse_start):
         cfg = self.cfg
         B, T, _ = x.shape
         H, Hk, hd, G = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim, cfg.group_size
@@ -144,6 +153,11 @@ class Attention(nn.Module):
         qg = q.reshape(B, T, Hk, G, hd).transpose(0, 2, 3, 1, 4) * jnp.asarray(hd**-0.5, q.dtype)
         kn = k.transpose(0, 2, 1, 3)
         vn = v.transpose(0, 2, 1, 3)
+        if self.sparse is not None:
+            out, captured = self._sparse_prefill(qg, kn, vn, positions, cache_k.shape[2], cap_index, cap_weight,
+                                                 sparse_rows, sparse_start)
+            out = _dense(cfg, cfg.hidden_size, "o_proj")(out.transpose(0, 3, 1, 2, 4).reshape(B, T, H * hd))
+            return out, kn, vn, captured
 
         s_new = jnp.einsum("bhgtd,bhsd->bhgts", qg, kn, preferred_element_type=jnp.float32)
         s_new = jnp.where(new_mask[:, None, None], s_new, _MASK_VALUE)
@@ -176,9 +190,13 @@ class Attention(nn.Module):
 
     def _captured(self, s_old, s_new, m, denom, cap_index, cap_weight):
         """Probabilities of the selected query rows, reduced as ``self.capture`` says."""
-        cap = self.capture
         rows = lambda a: jnp.take_along_axis(a, cap_index[:, None, None, :, None], axis=3)  # noqa: E731
         probs = jnp.concatenate([jnp.exp(rows(s_old) - rows(m)), jnp.exp(rows(s_new) - rows(m))], -1) / rows(denom)
+        return self._reduce_rows(probs, cap_weight)
+
+    def _reduce_rows(self, probs, cap_weight):
+        """``probs [B, Hk, G, rows, K]`` weighted and reduced over the group and the rows."""
+        cap = self.capture
         if cap_weight is not None:
             probs = probs * cap_weight[:, None, None, :, None]
         B, Hk, G, Wq, K = probs.shape
@@ -186,6 +204,26 @@ class Attention(nn.Module):
         if cap.group == "none":
             probs = probs.reshape(B, Hk * G, Wq, K)
         return _reduce(probs, cap.queries, axis=2)
+
+    def _sparse_prefill(self, qg, kn, vn, positions, S, cap_index, cap_weight, sparse_rows, sparse_start):
+        """Score, then attend (SpecKV's layer). The captured rows' probabilities are a dense fp32 softmax over
+        every causal key — the scoring queries score with full attention, as the reference's ``compress_kv``
+        does — reduced to ``[B, Hk, T]``; their top columns (``vertical_columns``) and the band are the
+        pattern under which all ``T`` rows, the scoring rows included, compute their outputs. Returns the
+        pre-``o_proj`` output ``[B, Hk, G, T, hd]`` and the captured scores with ``S`` (empty) cache slots
+        first, the layout of the dense path."""
+        sp, dtype = self.sparse, self.cfg.jnp_dtype
+        qc = jnp.take_along_axis(qg, cap_index[:, None, None, :, None], axis=3)  # [B, Hk, G, rows, hd]
+        s = jnp.einsum("bhgtd,bhsd->bhgts", qc, kn, preferred_element_type=jnp.float32)
+        s = jnp.where(causal_rows(positions, cap_index)[:, None, None], s, _MASK_VALUE)
+        p = jnp.exp(s - s.max(-1, keepdims=True))
+        scores = self._reduce_rows(p / p.sum(-1, keepdims=True), cap_weight)  # [B, Hk, T]
+        cols, valid = vertical_columns(scores, sparse_rows, sparse_start, sp)
+        if sp.dense_reference:
+            out = masked_attention(qg, kn, vn, vertical_slash_mask(positions, cols, valid, sp.window), dtype)
+        else:
+            out = blocked_attention(qg, kn, vn, positions, cols, valid, sp.window, sp.chunk, dtype)
+        return out, jnp.concatenate([jnp.zeros(scores.shape[:-1] + (S,), scores.dtype), scores], -1)
 
 
 class MLP(nn.Module):
@@ -205,15 +243,17 @@ class Block(nn.Module):
     cfg: ModelConfig
     capture: AttnCapture | None = None
     attend_cache: bool = True
+    sparse: VerticalSlash | None = None
 
     @nn.compact
-    def __call__(self, x, layer_cache, cos, sin, positions, new_mask, cache_len, cap_index, cap_weight):
+    def __call__(self, x, layer_cache, cos, sin, positions, new_mask, cache_len, cap_index, cap_weight, sparse_rows,
+                 sparse_start):
         cfg = self.cfg
         ck, cv, cpos = layer_cache
         norm = functools.partial(RMSNorm, cfg.rms_norm_eps, cfg.jnp_dtype, cfg.jnp_param_dtype)
-        h, kn, vn, captured = Attention(cfg, self.capture, self.attend_cache, name="self_attn")(
+        h, kn, vn, captured = Attention(cfg, self.capture, self.attend_cache, self.sparse, name="self_attn")(
             norm(name="input_layernorm")(x), cos, sin, positions, new_mask, ck, cv, cpos, cache_len,
-            cap_index, cap_weight,
+            cap_index, cap_weight, sparse_rows, sparse_start,
         )
         x = x + h
         x = x + MLP(cfg, name="mlp")(norm(name="post_attention_layernorm")(x))
@@ -225,10 +265,11 @@ class Transformer(nn.Module):
     capture: AttnCapture | None = None
     scan: bool = True  # stacked layer weights + nn.scan; False: one weight set per layer, unrolled
     attend_cache: bool = True
+    sparse: VerticalSlash | None = None
 
     @nn.compact
     def __call__(self, tokens, positions, cache_k, cache_v, cache_pos, cache_len, new_mask, last_index,
-                 cap_index=None, cap_weight=None):
+                 cap_index=None, cap_weight=None, sparse_rows=None, sparse_start=None):
         cfg = self.cfg
         embed = nn.Embed(
             cfg.vocab_size, cfg.hidden_size, dtype=cfg.jnp_dtype, param_dtype=cfg.jnp_param_dtype,
@@ -236,22 +277,22 @@ class Transformer(nn.Module):
         )
         x = embed(tokens)
         cos, sin = rope_tables(cfg, positions)
-        shared = (cos, sin, positions, new_mask, cache_len, cap_index, cap_weight)
+        shared = (cos, sin, positions, new_mask, cache_len, cap_index, cap_weight, sparse_rows, sparse_start)
         if self.scan:
             Scan = nn.scan(
                 Block,
                 variable_axes={"params": 0},
                 split_rngs={"params": True},
-                in_axes=(0,) + (nn.broadcast,) * 7,
+                in_axes=(0,) + (nn.broadcast,) * len(shared),
                 length=cfg.num_layers,
             )
-            x, (new_k, new_v, captured) = Scan(cfg, self.capture, self.attend_cache, name="layers")(
+            x, (new_k, new_v, captured) = Scan(cfg, self.capture, self.attend_cache, self.sparse, name="layers")(
                 x, (cache_k, cache_v, cache_pos), *shared
             )
         else:
             outs = []
             for i in range(cfg.num_layers):
-                x, out = Block(cfg, self.capture, self.attend_cache, name=f"layers_{i}")(
+                x, out = Block(cfg, self.capture, self.attend_cache, self.sparse, name=f"layers_{i}")(
                     x, (cache_k[i], cache_v[i], cache_pos[i]), *shared
                 )
                 outs.append(out)
@@ -328,8 +369,16 @@ def causal_mask(positions):
     return (positions[:, None, :] >= 0) & (positions[:, None, :] <= positions[:, :, None])
 
 
+def matmul_precision(cfg: ModelConfig) -> str:
+    """An fp32 model computes its matmuls in fp32: "highest", since XLA's default on GPUs (and TPUs) rounds
+    fp32 operands to TF32/bf16 passes (1e-2 logit errors on an H100, against transformers' true fp32).
+    On CPU both are plain fp32. Lower-precision models keep the backend's default."""
+    return "highest" if cfg.dtype == "float32" else "default"
+
+
 def forward(params: Params, cfg: ModelConfig, tokens, positions, cache, *, mask_info=None, last_only=False,
-            capture: AttnCapture | None = None, capture_index=None, capture_weight=None, empty_cache=False):
+            capture: AttnCapture | None = None, capture_index=None, capture_weight=None, empty_cache=False,
+            sparse: VerticalSlash | None = None, sparse_rows=None, sparse_start=None):
     """Run the model over ``tokens [B, T]`` at ``positions [B, T]`` (``-1`` = padding).
 
     Returns ``(logits, new_cache, aux)``: logits are ``[B, T, V]``, or ``[B, V]`` for the last valid
@@ -338,17 +387,32 @@ def forward(params: Params, cfg: ModelConfig, tokens, positions, cache, *, mask_
     by default new tokens attend causally by position. ``capture`` (static) with ``capture_index``
     (and optional ``capture_weight``) adds ``aux["attn"]``, see ``AttnCapture``. ``empty_cache=True``
     (static) promises that ``cache`` holds no entries yet — a fresh prefill — and skips attending to it.
+    ``sparse`` (static) makes the prefill vertical-slash sparse (see the module docstring); it needs a fresh
+    causal prefill (``empty_cache``, no ``mask_info``) and a ``capture`` reduced over group and queries, whose
+    rows score each layer. ``sparse_rows [B]`` says which rows use the pattern (the others get its dense
+    equivalent, exact for query positions ``<= window + vertical``); the vertical columns of row ``b`` are
+    chosen among the keys ``[0, sparse_start[b])``.
     """
     positions = positions.astype(jnp.int32)
-    new_mask = causal_mask(positions) if mask_info is None else (mask_info & (positions[:, None, :] >= 0))
+    if sparse is not None:  # no [T, T] mask: the sparse layers mask by position, blockwise
+        new_mask = None
+    else:
+        new_mask = causal_mask(positions) if mask_info is None else (mask_info & (positions[:, None, :] >= 0))
     last_index = jnp.argmax(positions, axis=1) if last_only else None
     if (capture is None) != (capture_index is None):
         raise ValueError("capture and capture_index go together")
-    logits, new_k, new_v, captured = Transformer(cfg, capture, is_stacked(params), not empty_cache).apply(
-        {"params": params},
-        tokens.astype(jnp.int32), positions, cache.k, cache.v, cache.pos, cache.length, new_mask, last_index,
-        capture_index, capture_weight,
-    )
+    if sparse is not None and (not empty_cache or mask_info is not None or capture is None
+                               or "none" in (capture.group, capture.queries) or sparse_rows is None
+                               or sparse_start is None):
+        raise ValueError("sparse needs empty_cache, causal attention, a reducing capture, sparse_rows and "
+                         "sparse_start")
+    with jax.default_matmul_precision(matmul_precision(cfg)):
+        logits, new_k, new_v, captured = Transformer(cfg, capture, is_stacked(params), not empty_cache,
+                                                     sparse).apply(
+            {"params": params},
+            tokens.astype(jnp.int32), positions, cache.k, cache.v, cache.pos, cache.length, new_mask, last_index,
+            capture_index, capture_weight, sparse_rows, sparse_start,
+        )
     new_cache = cache.append(new_k, new_v, positions)
     aux = {"num_new": (positions >= 0).sum(axis=1).astype(jnp.int32)}
     if capture is not None:

@@ -253,6 +253,7 @@ def test_compressed_prompt_decodes_repeatedly_and_compiles_once_per_bucket(targe
     (lambda: SnapKV(capacity=16, window_size=4, kernel_size=4), "kernel_size must be odd"),
     (lambda: SpecKV(capacity=5000), "prefill_window_size"),
     (lambda: SpecKV(pool_type="avg"), "pool_type"),
+    (lambda: SpecKV(prefill_vertical_size=-1), "prefill_vertical_size must be >= 0"),
     (lambda: StreamingLLM(capacity=4, sink_size=4), "sink_size"),
     (lambda: make_method("nope"), "unknown kv method"),
     (lambda: make_method("h2o", kernel_size=3), "no parameter kernel_size"),

@@ -8,7 +8,9 @@ A method is a frozen (hashable) dataclass, a static argument of the jitted stage
 * ``query_rows(n, look_len, num_look, T)``: which query rows are captured, as
   ``(start [B], count [B], num)`` for ``jaxspec.select.query_rows``;
 * ``slots(T, num_kv_heads)``: the static capacity of the compressed prompt cache;
-* ``keep(scores, n, k)``: the traced selection, ``(index, keep)`` as ``jaxspec.select.select`` returns.
+* ``keep(scores, n, k)``: the traced selection, ``(index, keep)`` as ``jaxspec.select.select`` returns;
+* ``sparse_prefill(n, look_len, T)``: ``None`` for a dense prefill, or the vertical-slash pattern with
+  its per-row switch (SpecKV; ``jaxspec.models.sparse``).
 
 A row whose prompt has ``n <= capacity`` tokens is never compressed: all its entries are protected.
 """
@@ -38,6 +40,10 @@ class Method:
 
     def slots(self, T: int, num_kv_heads: int) -> int:
         return T
+
+    def sparse_prefill(self, n, look_len, T: int):
+        """``(VerticalSlash, rows [B], start [B])`` for a sparse prefill of a ``T``-token buffer, or ``None``."""
+        return None
 
 
 @dataclasses.dataclass(frozen=True)

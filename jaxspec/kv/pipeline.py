@@ -6,14 +6,17 @@ arrays, the method config and the model config are static):
 1. lookahead (SpecKV only): greedy ``generate_tokens`` of the draft (or, for ``speckv-oracle``, the
    target) on the prompt, ``bucket(lookahead_tokens)`` steps, stopping per row at a stop id;
 2. ``prefill``: the target prefill on the right-padded prompt (⊕ lookahead) into a donated empty cache,
-   capturing the method's window attention (``jaxspec.select.window_scores``);
+   capturing the method's window attention (``jaxspec.select.window_scores``); for SpecKV above
+   ``prefill_window_size + prefill_vertical_size`` tokens, vertical-slash sparse (``method.sparse_prefill``);
 3. ``compress_cache``: pooling, top-k, budget masks, gather into the compressed cache (static capacity
    ``method.slots``), and for SpecKV the re-feed of the final prompt token at position ``n - 1``;
 4. ``decode_compressed``: the compressed cache grown by the decode steps, then ``decode_loop``.
 
 A batch whose prompts all fit in ``capacity`` is not compressed at all (and no lookahead is generated);
 in a mixed batch the short rows keep every entry. ``Compressed`` (the output of ``compress``) is not
-consumed by ``decode``, so one compressed prompt can be decoded many times.
+consumed by ``decode``, so one compressed prompt can be decoded many times. A budget sweep
+(``compress_budgets`` / ``generate_budgets``: configs differing only in ``capacity``) runs stages 1 and 2
+once and stage 3 once per capacity.
 """
 
 from __future__ import annotations
@@ -68,7 +71,8 @@ def prefill(params, tokens, lengths, look, look_len, cache, *, cfg: ModelConfig,
     group, queries = capture
     start, count, num = method.query_rows(lengths, look_len, Ls, T)
     index, weight = query_rows(start, count, num, queries)
-    return window_scores(params, cfg, buf, positions, cache, index, weight, group=group, queries=queries)
+    return window_scores(params, cfg, buf, positions, cache, index, weight, group=group, queries=queries,
+                         sparse=method.sparse_prefill(lengths, look_len, T + Ls))
 
 
 @functools.partial(jax.jit, static_argnames=("cfg", "method", "k"))
@@ -144,41 +148,104 @@ def compress(target: Model, prompts: list[list[int]], kv: Method, *, draft: Mode
     """Compress the KV cache of a batch of token-id prompts with ``kv``. ``max_new_tokens`` is SpecKV's
     default lookahead length; ``stop_ids`` end the lookahead early (the stop id stays in it). ``lookahead``:
     per-row lookahead tokens already written by the draft (SpecKV-PC reuses SpecPC's): no draft pass."""
-    check_draft(kv, target, draft)
+    return compress_budgets(target, prompts, [kv], draft=draft, max_new_tokens=max_new_tokens, stop_ids=stop_ids,
+                            pad_id=pad_id, lookahead=lookahead)[0]
+
+
+def check_budget_sweep(methods: list[Method]) -> None:
+    """Refuse configs that differ in anything but ``capacity`` (or are of different methods)."""
+    if not methods:
+        raise InputError("no kv methods")
+    first = methods[0]
+    for m in methods[1:]:
+        if type(m) is not type(first) or dict(m.params(), capacity=None) != dict(first.params(), capacity=None):
+            raise InputError(f"a budget sweep needs configs of one method differing only in capacity; got {first} "
+                             f"and {m}")
+
+
+def prefill_key(method: Method, lengths, look_len, Ls: int, T: int):
+    """Everything ``prefill`` reads from ``method`` on this batch (``capture()``, ``query_rows()``,
+    ``sparse_prefill()``, evaluated on the concrete lengths), as a hashable value: configs with equal keys
+    run the same prefill program on the same inputs, so one prefill serves them all."""
+    def host(x):
+        return tuple(np.asarray(x).ravel().tolist()) if isinstance(x, (jax.Array, np.ndarray)) else x
+
+    capture = method.capture()
+    if capture is None:
+        return None
+    sparse = method.sparse_prefill(lengths, look_len, T + Ls)
+    return (capture, tuple(map(host, method.query_rows(lengths, look_len, Ls, T))),
+            None if sparse is None else tuple(map(host, sparse)))
+
+
+def compress_budgets(target: Model, prompts: list[list[int]], methods: list[Method], *,
+                     draft: Model | None = None, max_new_tokens: int = 64, stop_ids=(), pad_id: int = 0,
+                     lookahead: list[list[int]] | None = None) -> list[Compressed]:
+    """``compress`` with each config of ``methods``, which differ only in ``capacity`` (a budget sweep): the
+    draft lookahead runs once, the target prefill with its attention capture once per ``prefill_key`` (once
+    for the whole sweep, but for SpecKV's sparse prefill when a row is scored under some capacities only),
+    ``compress_cache`` once per capacity; it does not consume the prefilled cache. Each result equals
+    ``compress(target, prompts, m, ...)``. A capacity that holds every prompt is not compressed (as in
+    ``compress``); those share one plain prefill without lookahead. The shared stages' seconds appear in
+    full in the ``timings`` of every result that used them."""
+    check_budget_sweep(methods)
+    check_draft(methods[0], target, draft)
     cfg = target.config
     lengths = [len(p) for p in prompts]
     batch = pad_prompts(prompts, pad_id)
     T = batch.tokens.shape[1]
-    compressed = [not isinstance(kv, Full) and n > kv.capacity for n in lengths]
-    method = kv if any(compressed) else Full()
-    timings: dict[str, float] = {"draft": 0.0}
-    look = look_len = None
-    if method.lookahead and lookahead is not None:
-        look = np.full((len(prompts), bucket(max(map(len, lookahead)))), pad_id, np.int32)
-        for b, r in enumerate(lookahead):
-            look[b, : len(r)] = r
-        look, look_len = jnp.asarray(look), jnp.asarray([len(r) for r in lookahead], jnp.int32)
-    elif method.lookahead:
-        steps = kv.lookahead_tokens or max_new_tokens
-        Ls = bucket(steps)
-        source = target if draft is None else draft
-        args = (source.params, batch.tokens, batch.lengths, KVCache.create(source.config, len(prompts), T + Ls),
-                jax.random.PRNGKey(0), jnp.int32(steps), _stops(stop_ids), Sampling.make(0.0))
-        out = _run(generate_tokens, args, {"cfg": source.config, "max_steps": Ls, "pad_id": pad_id}, timings,
-                   "draft")
-        look, look_len = out.tokens, out.num_generated
-        lookahead = [r[:m].tolist() for r, m in zip(np.asarray(look), np.asarray(look_len))]
-    empty = KVCache.create(cfg, len(prompts), T + (0 if look is None else look.shape[1]))
-    logits, cache, scores = _run(prefill, (target.params, batch.tokens, batch.lengths, look, look_len, empty),
-                                 {"cfg": cfg, "method": method}, timings, "prefill")
-    if isinstance(method, Full):
-        timings["score"] = 0.0
-    else:
+    flags = [[not isinstance(m, Full) and n > m.capacity for n in lengths] for m in methods]
+    squeezed = [m for m, f in zip(methods, flags) if any(f)]
+    plain, keys, scored = None, [None] * len(methods), {}  # scored: prefill key -> (logits, cache, scores, timings)
+    if len(squeezed) < len(methods):
+        timings = {"draft": 0.0, "score": 0.0}
+        empty = KVCache.create(cfg, len(prompts), T)
+        logits, cache, _ = _run(prefill, (target.params, batch.tokens, batch.lengths, None, None, empty),
+                                {"cfg": cfg, "method": Full()}, timings, "prefill")
+        plain = cache, logits, timings
+    if squeezed:
+        method = squeezed[0]
+        timings = {"draft": 0.0}
+        look = look_len = None
+        if method.lookahead and lookahead is not None:
+            look = np.full((len(prompts), bucket(max(map(len, lookahead)))), pad_id, np.int32)
+            for b, r in enumerate(lookahead):
+                look[b, : len(r)] = r
+            look, look_len = jnp.asarray(look), jnp.asarray([len(r) for r in lookahead], jnp.int32)
+        elif method.lookahead:
+            steps = method.lookahead_tokens or max_new_tokens
+            Ls = bucket(steps)
+            source = target if draft is None else draft
+            args = (source.params, batch.tokens, batch.lengths, KVCache.create(source.config, len(prompts), T + Ls),
+                    jax.random.PRNGKey(0), jnp.int32(steps), _stops(stop_ids), Sampling.make(0.0))
+            out = _run(generate_tokens, args, {"cfg": source.config, "max_steps": Ls, "pad_id": pad_id}, timings,
+                       "draft")
+            look, look_len = out.tokens, out.num_generated
+            lookahead = [r[:m].tolist() for r, m in zip(np.asarray(look), np.asarray(look_len))]
+        Ls = 0 if look is None else look.shape[1]
+        for i, (m, f) in enumerate(zip(methods, flags)):
+            if not any(f):
+                continue
+            keys[i] = prefill_key(m, batch.lengths, look_len, Ls, T)
+            if keys[i] not in scored:
+                t = dict(timings)
+                empty = KVCache.create(cfg, len(prompts), T + Ls)
+                scored[keys[i]] = (*_run(prefill, (target.params, batch.tokens, batch.lengths, look, look_len, empty),
+                                         {"cfg": cfg, "method": m}, t, "prefill"), t)
+    out = []
+    for m, f, key in zip(methods, flags, keys):
+        if not any(f):
+            cache, logits, timings = plain
+            out.append(Compressed(m, cache, logits, batch.lengths, lengths, f, None, dict(timings)))
+            continue
+        logits, cache, scores, timings = scored[key]
+        timings = dict(timings)
         args = (target.params, cache, scores, logits, batch.tokens, batch.lengths)
-        k = method.slots(T, cfg.num_kv_heads)
-        cache, logits = _run(compress_cache, args, {"cfg": cfg, "method": method, "k": k}, timings, "score")
-    return Compressed(kv, cache, logits, batch.lengths, lengths, compressed, lookahead if method.lookahead else None,
-                      timings)
+        small, first = _run(compress_cache, args, {"cfg": cfg, "method": m, "k": m.slots(T, cfg.num_kv_heads)},
+                            timings, "score")
+        out.append(Compressed(m, small, first, batch.lengths, lengths, f, lookahead if m.lookahead else None,
+                              timings))
+    return out
 
 
 def accounting(c: Compressed, cfg: ModelConfig, kept_indices: bool = False) -> list[dict]:
@@ -229,18 +296,31 @@ def generate(target: Model, prompts: list[list[int]], kv: Method, *, draft: Mode
              kept_indices: bool = False, lookahead: list[list[int]] | None = None) -> list[GenerationResult]:
     """``compress`` then ``decode``; each result carries ``kv`` accounting and timings split into
     draft, prefill, score (selection + gather + re-feed) and decode."""
-    c = compress(target, prompts, kv, draft=draft, max_new_tokens=max_new_tokens, stop_ids=stop_ids,
-                 lookahead=lookahead)
-    out, decode_s, compile_s = decode(target, c, max_new_tokens=max_new_tokens, sampling=sampling, seed=seed,
-                                      stop_ids=stop_ids)
-    timings = dict(c.timings, decode=decode_s, compile=c.timings["compile"] + compile_s,
-                   load=target.load_seconds + (draft.load_seconds if draft is not None else 0.0))
-    tokens, n_gen, reasons = np.asarray(out.tokens), np.asarray(out.num_generated), np.asarray(out.finish_reason)
-    tps = (int(n_gen.sum()) - len(prompts)) / decode_s if decode_s > 0 else 0.0
-    results = []
-    for b, acc in enumerate(accounting(c, target.config, kept_indices)):
-        gen = tokens[b, : n_gen[b]].tolist()
-        text = target.tokenizer.decode(gen) if target.tokenizer is not None else None
-        results.append(GenerationResult(gen, text, FINISH_NAMES[int(reasons[b])], c.prompt_lengths[b],
-                                        dict(timings), tps, kv=acc))
-    return results
+    return generate_budgets(target, prompts, [kv], draft=draft, max_new_tokens=max_new_tokens, sampling=sampling,
+                            seed=seed, stop_ids=stop_ids, kept_indices=kept_indices, lookahead=lookahead)[0]
+
+
+def generate_budgets(target: Model, prompts: list[list[int]], methods: list[Method], *, draft: Model | None = None,
+                     max_new_tokens: int = 64, sampling: Sampling | None = None, seed: int = 0, stop_ids=(),
+                     kept_indices: bool = False,
+                     lookahead: list[list[int]] | None = None) -> list[list[GenerationResult]]:
+    """``generate`` with each config of a budget sweep (``compress_budgets``: one draft lookahead and one
+    target prefill for all capacities), each compressed cache decoded on its own; results per config."""
+    cs = compress_budgets(target, prompts, methods, draft=draft, max_new_tokens=max_new_tokens, stop_ids=stop_ids,
+                          lookahead=lookahead)
+    load = target.load_seconds + (draft.load_seconds if draft is not None else 0.0)
+    sweep = []
+    for c in cs:
+        out, decode_s, compile_s = decode(target, c, max_new_tokens=max_new_tokens, sampling=sampling, seed=seed,
+                                          stop_ids=stop_ids)
+        timings = dict(c.timings, decode=decode_s, compile=c.timings["compile"] + compile_s, load=load)
+        tokens, n_gen, reasons = np.asarray(out.tokens), np.asarray(out.num_generated), np.asarray(out.finish_reason)
+        tps = (int(n_gen.sum()) - len(prompts)) / decode_s if decode_s > 0 else 0.0
+        results = []
+        for b, acc in enumerate(accounting(c, target.config, kept_indices)):
+            gen = tokens[b, : n_gen[b]].tolist()
+            text = target.tokenizer.decode(gen) if target.tokenizer is not None else None
+            results.append(GenerationResult(gen, text, FINISH_NAMES[int(reasons[b])], c.prompt_lengths[b],
+                                            dict(timings), tps, kv=acc))
+        sweep.append(results)
+    return sweep

@@ -9,6 +9,7 @@ import jax.numpy as jnp
 
 from jaxspec.api import InputError
 from jaxspec.kv.snapkv import SnapKV
+from jaxspec.models.sparse import VerticalSlash
 
 
 @dataclasses.dataclass(frozen=True)
@@ -22,9 +23,17 @@ class SpecKV(SnapKV):
     dropped; the final prompt token is re-fed at its true position ``n - 1`` before decoding, so decoding
     starts from ``capacity + 1`` prompt entries (as the reference code does).
 
-    The prefill is dense at every length: the reference's vertical-slash sparse prefill (used when
-    prompt ⊕ lookahead exceeds ``prefill_window_size + prefill_vertical_size``) is not implemented, so
-    beyond that length the kept sets can differ slightly from the reference's (pitfall P16).
+    Sparse prefill (the reference's, §1.4, pitfall P16). A row with ``N = n + lookahead >
+    prefill_window_size + prefill_vertical_size`` that is scored (``n > capacity + 1``: the reference scores
+    iff ``N > capacity + lookahead + 1``) is prefilled vertical-slash sparse: each layer first scores (a dense
+    softmax of the scoring rows over all keys), then every query row, the scoring rows included, attends to
+    a causal band of its last ``prefill_window_size + 1`` to ``+ 64`` keys (64-row blocks) plus the
+    ``prefill_vertical_size`` best candidates of that layer's pooled scores per kv head
+    (``jaxspec.models.sparse``). The switch is per row
+    with static shapes: the sparse program runs only for a buffer longer than the threshold (below it the
+    dense prefill is unchanged), and in it the other rows get the dense-equivalent pattern, exact for every
+    query position ``<= prefill_window_size + prefill_vertical_size``: all of a row under the threshold,
+    and every entry an unscored row keeps (its later lookahead queries affect nothing it keeps).
     """
 
     name = "speckv"
@@ -47,6 +56,8 @@ class SpecKV(SnapKV):
             raise InputError(f"{self.name}: reduction_type must be 'max' or 'mean', got {self.reduction_type!r}")
         if self.lookahead_tokens is not None and self.lookahead_tokens < 1:
             raise InputError(f"{self.name}: lookahead_tokens must be >= 1, got {self.lookahead_tokens}")
+        if self.prefill_window_size < 0 or self.prefill_vertical_size < 0:
+            raise InputError(f"{self.name}: prefill_window_size and prefill_vertical_size must be >= 0")
         if self.prefill_window_size % 64:
             raise InputError(f"{self.name}: prefill_window_size must be a multiple of 64, got "
                              f"{self.prefill_window_size}")
@@ -61,3 +72,10 @@ class SpecKV(SnapKV):
     def window(self, n):
         end = n - 1  # the final prompt token is re-fed
         return jnp.where(n <= self.capacity, 0, end - self.window_size), end
+
+    def sparse_prefill(self, n, look_len, T):
+        P, V = self.prefill_window_size, self.prefill_vertical_size
+        if T <= P + V:  # no row can exceed the threshold: the dense program
+            return None
+        rows = (n > self.capacity + 1) & (n + look_len > P + V)
+        return VerticalSlash(P, V, self.kernel_size, self.pool_type), rows, self.window(n)[0]
