@@ -12,17 +12,30 @@ Killed and restarted with the same directory, a run skips the records already wr
 line is dropped) and ends with every record exactly once. A restart may grow the grid (more samples, methods,
 budgets, lengths); it refuses a change of model, prompt format, seed or dataset options.
 
-Methods: an entry of ``methods`` is a name or ``{name, kind?, method?, params?, budgets?}``, turned into
-``jaxspec`` calls by ``method_runner``:
+Methods: an entry of ``methods`` is a name or ``{name, kind?, method?, params?, budgets?, kv?, kv_params?,
+budget?}``, turned into ``jaxspec`` calls by ``method_runner``:
 
 * ``full``: plain ``jaxspec.generate`` (no budget);
 * ``kv``: a ``jaxspec.kv`` method (``method``, default ``name``; ``streamingllm``, ``snapkv``, ``speckv`` ...) with
-  ``capacity`` = the budget, through ``jaxspec.generate(kv=..., draft=...)``;
+  ``capacity`` = the budget (``jaxspec.kv.pipeline.generate_budgets``, which is ``jaxspec.generate(kv=...,
+  draft=...)`` per budget with the draft lookahead and the target prefill shared by the budgets);
+* ``pc``: a ``jaxspec.pc`` prompt-compression method (``specpc``, ``specprefill``, ``draft-ppl``, ``recency``,
+  ``random``) through ``jaxspec.pc.pipeline.generate_budgets`` (``jaxspec.generate(pc=..., draft=...)`` per
+  budget, one draft scoring pass for all budgets). ``kv`` / ``kv_params`` add a KV method after it (``kv:
+  speckv`` is SpecKV-PC, reusing the draft's lookahead); ``budget`` says which capacity the budgets set:
+  ``pc`` (default) or ``kv`` (the pc capacity then comes from ``params``, e.g. SpecKV-PC's 2048, and one
+  compression and one target prefill serve every kv budget);
 * ``drafter``: speculative decoding (``jaxspec.speculative.generate_speculative``) with a registered drafter
   (``ngram``, ``draft-model``; no budget); records carry accepted-length statistics.
 
-Without ``kind``: ``full`` for ``full``, ``kv`` for a ``jaxspec.kv`` method name, else ``drafter``. Budgets come from the
-method's own ``budgets`` or the config's; methods without a budget run once (budget null).
+Without ``kind``: ``full`` for ``full``, ``kv`` for a ``jaxspec.kv`` method name, ``pc`` for a ``jaxspec.pc`` one, else
+``drafter``. Budgets come from the method's own ``budgets`` or the config's; methods without a budget run once
+(budget null). Per sample, a method's missing budgets run as one sweep (one shared prefill or scoring pass);
+records are still written one per budget, so a run killed inside a sweep resumes with the budgets left.
+
+Not shared: the draft passes of different methods of one sample (SpecKV's lookahead of ``max_new_tokens``
+tokens and SpecPC's attention pass over the prompt with its 1 or 20 tokens are different programs; only
+their draft prefill of the prompt is common, which a fused stage would be needed to reuse).
 """
 
 from __future__ import annotations
@@ -100,54 +113,97 @@ def identity(cfg: dict) -> dict:
 
 
 def method_specs(cfg: dict) -> list[dict]:
-    """Normalised method entries: ``{name, kind, method, params, budgets}``."""
-    from jaxspec.kv import METHODS
+    """Normalised method entries: ``{name, kind, method, params, budgets, kv, kv_params, budget_of}``
+    (``budget_of``: which capacity a budget sets, "kv" or "pc"; None for methods without budgets)."""
+    from jaxspec.kv import METHODS as KV_METHODS
+    from jaxspec.pc import METHODS as PC_METHODS
 
     out = []
     for m in cfg["methods"]:
         m = {"name": m} if isinstance(m, str) else dict(m)
-        kind = m.get("kind") or ("full" if m["name"] == "full" else "kv" if m.get("method", m["name"]) in METHODS
-                                 else "drafter")
+        method = m.get("method", m["name"])
+        kind = m.get("kind") or ("full" if m["name"] == "full" else "kv" if method in KV_METHODS
+                                 else "pc" if method in PC_METHODS else "drafter")
         if kind not in KINDS:
             raise ValueError(f"method {m['name']!r}: unknown kind {kind!r} (one of {', '.join(KINDS)})")
-        budgets = m.get("budgets", cfg["budgets"]) if KINDS[kind][1] else []
-        out.append({"name": m["name"], "kind": kind, "method": m.get("method", m["name"]),
-                    "params": dict(m.get("params") or {}), "budgets": list(budgets) or [None]})
+        extra = sorted({"kv", "kv_params", "budget"} & set(m)) if kind != "pc" else []
+        if extra:
+            raise ValueError(f"method {m['name']!r}: {', '.join(extra)} apply to kind pc only")
+        budget_of = {"kv": "kv", "pc": m.get("budget", "pc")}.get(kind)
+        if budget_of not in (None, "kv", "pc") or (budget_of == "kv" and kind == "pc" and not m.get("kv")):
+            raise ValueError(f"method {m['name']!r}: budget must be 'pc' or 'kv' (with a kv method), got "
+                             f"{m.get('budget')!r}")
+        budgets = list(m.get("budgets", cfg["budgets"])) if KINDS[kind][1] else []
+        out.append({"name": m["name"], "kind": kind, "method": method, "params": dict(m.get("params") or {}),
+                    "budgets": budgets or [None], "kv": m.get("kv"), "kv_params": dict(m.get("kv_params") or {}),
+                    "budget_of": budget_of if budgets else None})
     if len({m["name"] for m in out}) != len(out):
         raise ValueError("method names must be unique")
     return out
 
 
-def _full(spec, budget, target, draft):
+def _capacity(budget) -> dict:
+    return {} if budget is None else {"capacity": budget}
+
+
+def _full(spec, target, draft):
     import jaxspec
 
-    return lambda ids, n: jaxspec.generate(target, ids, max_new_tokens=n)
+    return lambda ids, n, budgets: [jaxspec.generate(target, ids, max_new_tokens=n)]
 
 
-def _kv(spec, budget, target, draft):
-    import jaxspec
+def _kv(spec, target, draft):
+    from jaxspec.api import prepare_request
+    from jaxspec.generation import Sampling
     from jaxspec.kv import make_method
+    from jaxspec.kv.pipeline import generate_budgets
 
-    method = make_method(spec["method"], **spec["params"], **({} if budget is None else {"capacity": budget}))
-    use_draft = draft if method.needs_draft else None
-    return lambda ids, n: jaxspec.generate(target, ids, max_new_tokens=n, kv=method, draft=use_draft)
+    def run(ids, n, budgets):
+        methods = [make_method(spec["method"], **spec["params"], **_capacity(b)) for b in budgets]
+        req = prepare_request(target, ids, n, False, None, None)  # the stop ids jaxspec.generate uses
+        sweep = generate_budgets(target, req.ids, methods, draft=draft if methods[0].needs_draft else None,
+                                 max_new_tokens=n, sampling=Sampling.make(), stop_ids=req.stop_ids)
+        return [results[0] for results in sweep]
+
+    return run
 
 
-def _drafter(spec, budget, target, draft):
+def _pc(spec, target, draft):
+    from jaxspec.kv import make_method as make_kv
+    from jaxspec.pc import make_method as make_pc
+    from jaxspec.pc.pipeline import generate_budgets
+
+    def run(ids, n, budgets):
+        if spec["budget_of"] == "kv":
+            pcs = [make_pc(spec["method"], **spec["params"])]
+            kv = [make_kv(spec["kv"], **spec["kv_params"], **_capacity(b)) for b in budgets]
+        else:
+            pcs = [make_pc(spec["method"], **spec["params"], **_capacity(b)) for b in budgets]
+            kv = make_kv(spec["kv"], **spec["kv_params"]) if spec["kv"] else None
+        sweep = generate_budgets(target, ids, pcs, draft=draft, kv=kv, max_new_tokens=n)
+        return [results[0] for results in sweep]
+
+    return run
+
+
+def _drafter(spec, target, draft):
     from jaxspec.drafters import make_drafter
     from jaxspec.speculative import generate_speculative
 
     drafter = make_drafter(spec["method"], **spec["params"])
-    return lambda ids, n: generate_speculative(target, ids, drafter, draft_model=draft, max_new_tokens=n)
+    return lambda ids, n, budgets: [generate_speculative(target, ids, drafter, draft_model=draft, max_new_tokens=n)]
 
 
-# kind -> (builder(spec, budget, target, draft) -> run(ids, max_new_tokens) -> GenerationResult, takes a budget)
-KINDS: dict[str, tuple[Callable, bool]] = {"full": (_full, False), "kv": (_kv, True), "drafter": (_drafter, False)}
+# kind -> (builder(spec, target, draft) -> run(ids, max_new_tokens, budgets) -> [GenerationResult per budget],
+#          takes budgets)
+KINDS: dict[str, tuple[Callable, bool]] = {"full": (_full, False), "kv": (_kv, True), "pc": (_pc, True),
+                                           "drafter": (_drafter, False)}
 
 
-def method_runner(spec: dict, budget, target, draft):
-    """``run(ids, max_new_tokens) -> GenerationResult`` for a normalised method entry at ``budget``."""
-    return KINDS[spec["kind"]][0](spec, budget, target, draft)
+def method_runner(spec: dict, target, draft):
+    """``run(ids, max_new_tokens, budgets) -> [GenerationResult per budget]`` for a normalised method entry;
+    the budgets of one call share what their method allows (a prefill, a draft scoring pass)."""
+    return KINDS[spec["kind"]][0](spec, target, draft)
 
 
 def record_key(task: str, length, method: str, budget, index: int) -> str:
@@ -215,9 +271,12 @@ def result_record(sample, task, length, spec, budget, result, score) -> dict:
            "prompt_tokens": result.prompt_tokens, "new_tokens": len(result.token_ids),
            "finish_reason": result.finish_reason, "prediction": result.text, "answers": sample.answers,
            "score": score, "tokens_per_second": result.tokens_per_second, "timings": result.timings,
-           "meta": {k: v for k, v in sample.meta.items() if k != "all_classes"}}
+           "meta": {k: v for k, v in sample.meta.items() if k != "all_classes"}, "budget_of": spec["budget_of"]}
     if result.kv:
         rec["kv"] = {k: result.kv[k] for k in ("compressed", "kv_bytes_kept", "kv_bytes_full") if k in result.kv}
+    if result.pc:
+        rec["pc"] = {k: result.pc[k] for k in ("compressed", "tokens_in", "tokens_out", "lookahead_tokens")
+                     if k in result.pc}
     if getattr(result, "accepted_per_step", None):
         rec["accepted_mean"] = result.accepted_per_step["mean"]
         rec["accepted_hist"] = result.accepted_per_step["histogram"]
@@ -254,11 +313,12 @@ def run(cfg: dict, *, on_record: Callable[[dict], None] | None = None, models: t
         draft = jaxspec.load(_resolve(cfg["draft"]), dtype=cfg["dtype"], quiet=True) if cfg["draft"] else None
     else:
         target, draft = models
-    runners = {(s["name"], b): method_runner(s, b, target, draft) for s, b in settings}
+    runners = {s["name"]: method_runner(s, target, draft) for s in specs}
     with open(path, "a") as f, tqdm(total=total, initial=total - todo, unit="sample", dynamic_ncols=True) as bar:
         for d, task, length, index in jobs:
-            missing = [(s, b) for s, b in settings if record_key(task, length, s["name"], b, index) not in done]
-            if not missing:
+            missing = {s["name"]: [b for b in s["budgets"] if record_key(task, length, s["name"], b, index) not in done]
+                       for s in specs}
+            if not any(missing.values()):
                 continue
             fmt = PromptFormat(chat=d.get("chat", cfg["chat"]), system=d.get("system", cfg["system"]))
             options = {k: _resolve(v) for k, v in (d.get("options") or {}).items()}
@@ -267,19 +327,22 @@ def run(cfg: dict, *, on_record: Callable[[dict], None] | None = None, models: t
             sample = next(iter(dataset_module(d["name"]).samples(
                 target.tokenizer, task, length=length, indices=[index], fmt=fmt, **options)), None)
             if sample is None:  # past the end of a finite dataset
-                bar.total -= len(missing)
+                bar.total -= sum(map(len, missing.values()))
                 continue
             n_new = min(sample.max_new_tokens, cfg["max_new_tokens"] or sample.max_new_tokens)
-            for s, b in missing:
-                bar.set_description(f"{task}@{length} {s['name']}/{b}")
-                result = runners[(s["name"], b)](sample.ids, n_new)
-                score = metrics.score(sample.dataset, task, result.text or "", sample.answers, sample.meta)
-                rec = result_record(sample, task, length, s, b, result, score)
-                append_record(f, rec)
-                done.add(rec["key"])
-                bar.update()
-                if on_record is not None:
-                    on_record(rec)
+            for s in specs:
+                budgets = missing[s["name"]]
+                if not budgets:
+                    continue
+                bar.set_description(f"{task}@{length} {s['name']}" + ("" if budgets == [None] else f"/{budgets}"))
+                for b, result in zip(budgets, runners[s["name"]](sample.ids, n_new, budgets)):
+                    score = metrics.score(sample.dataset, task, result.text or "", sample.answers, sample.meta)
+                    rec = result_record(sample, task, length, s, b, result, score)
+                    append_record(f, rec)
+                    done.add(rec["key"])
+                    bar.update()
+                    if on_record is not None:
+                        on_record(rec)
     write_json(out / "metrics.json", metrics.aggregate(read_records(path)))
     return out
 

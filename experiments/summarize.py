@@ -6,7 +6,8 @@ Reads each run's ``predictions.jsonl`` (so a run still in progress can be summar
 * ``summary.md``: per dataset and length, a markdown table task x (method, budget) of scores, then the
   category averages and ``All``; for unscored datasets (HumanEval) tokens/s and tokens per target forward;
 * ``score_vs_budget_{dataset}_{length}.png``: the ``All`` score against the budget, one line per method
-  (methods without a budget as dashed horizontal lines);
+  (methods without a budget as dashed horizontal lines); the axis says whether the budgets are KV capacities,
+  kept prompt tokens (prompt compression) or both;
 * ``accepted_{dataset}.png``: for speculative runs, the histogram of accepted drafts per verification step.
 
 With several run directories, methods are labelled ``RUN/method``.
@@ -83,8 +84,12 @@ def _by(rows, keys):
     return dict(sorted(groups.items(), key=lambda kv: str(kv[0])))
 
 
-def plot_scores(rows: list[dict], out: Path) -> list[Path]:
-    """``All`` score vs budget per method, one PNG per (dataset, length)."""
+BUDGET_LABELS = {"kv": "KV capacity per layer and head", "pc": "prompt tokens kept"}
+
+
+def plot_scores(rows: list[dict], out: Path, budget_of: dict[str, str | None] | None = None) -> list[Path]:
+    """``All`` score vs budget per method, one PNG per (dataset, length); ``budget_of``: method -> what its
+    budgets are ("kv" or "pc", the records' ``budget_of``)."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -105,7 +110,8 @@ def plot_scores(rows: list[dict], out: Path) -> list[Path]:
         if budgets:
             ax.set_xscale("log", base=2)
             ax.set_xticks(budgets, [str(b) for b in budgets])
-        ax.set_xlabel("budget (KV capacity, tokens)")
+        kinds = sorted({(budget_of or {}).get(r["method"]) or "kv" for r in group if r["budget"] is not None})
+        ax.set_xlabel("budget (" + " / ".join(BUDGET_LABELS[k] for k in kinds or ["kv"]) + ", tokens)")
         ax.set_ylabel("score (All)")
         ax.set_ylim(-2, 102)
         ax.set_title(f"{ds}" + ("" if length is None else f", length {length}"))
@@ -163,7 +169,8 @@ def summarize(run_dirs: list[str], out: str | Path | None = None) -> tuple[str, 
         order.setdefault(r["method"], len(order))
     md = tables(rows, order)
     (out / "summary.md").write_text(md)
-    return md, plot_scores(rows, out) + plot_accepted(records, out)
+    budget_of = {r["method"]: r.get("budget_of") for r in records}
+    return md, plot_scores(rows, out, budget_of) + plot_accepted(records, out)
 
 
 def main(argv: list[str] | None = None) -> None:

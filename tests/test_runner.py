@@ -113,3 +113,216 @@ def test_end_to_end_grid_tables_and_plots(tmp_path, stories):
     assert "| niah_single_1 |" in md and "| vt |" in md and "| **NIAH** |" in md and "| **All** |" in md
     assert (out / "summary.md").read_text() == md
     assert [p.name for p in paths] == ["score_vs_budget_ruler_384.png"] and paths[0].read_bytes()[:4] == b"\x89PNG"
+
+
+# --- budget sweeps: one prefill (kv) or one draft scoring pass (pc) per sample and method -------------------
+
+@pytest.fixture
+def stage_calls(monkeypatch):
+    """Counts of the jitted stages run through the kv and pc pipelines' ``_run``, by function name."""
+    from jaxspec.kv import pipeline as kvp
+    from jaxspec.pc import pipeline as pcp
+
+    calls = Counter()
+    for module in (kvp, pcp):
+        def counted(fn, *args, _orig=module._run, **kw):
+            calls[fn.__name__] += 1
+            return _orig(fn, *args, **kw)
+
+        monkeypatch.setattr(module, "_run", counted)
+    return calls
+
+
+@pytest.fixture(scope="module")
+def tiny_pair(tiny_hf):
+    import jaxspec
+
+    return (jaxspec.load(tiny_hf("qwen2-bias")[0]), jaxspec.load(tiny_hf("llama-gqa4to2-untied-llama3rope")[0]))
+
+
+def tiny_prompts():
+    import numpy as np
+
+    rng = np.random.default_rng(11)
+    return [rng.integers(3, 101, n).tolist() for n in (40, 12, 57)]
+
+
+@pytest.mark.parametrize("name", ["snapkv", "pyramidkv", "adakv", "speckv"])
+def test_kv_budget_sweep_equals_compress_per_capacity(tiny_pair, stage_calls, name):
+    import numpy as np
+
+    from jaxspec.kv import make_method
+    from jaxspec.kv.pipeline import compress, compress_budgets
+
+    target, draft = tiny_pair
+    use_draft = draft if name == "speckv" else None
+    prompts = tiny_prompts()
+    methods = [make_method(name, capacity=c, window_size=4, kernel_size=3) for c in (16, 24, 64)]  # 64: keeps all
+    swept = compress_budgets(target, prompts, methods, draft=use_draft, max_new_tokens=5)
+    assert stage_calls["prefill"] == 2 and stage_calls["compress_cache"] == 2  # one scored + one plain prefill
+    assert stage_calls["generate_tokens"] == (1 if name == "speckv" else 0)
+    for m, got in zip(methods, swept):
+        want = compress(target, prompts, m, draft=use_draft, max_new_tokens=5)
+        assert got.method == m and got.compressed == want.compressed and got.lookahead == want.lookahead
+        for a, b in [(got.cache.k, want.cache.k), (got.cache.v, want.cache.v), (got.cache.pos, want.cache.pos),
+                     (got.cache.length, want.cache.length), (got.logits, want.logits), (got.next_pos, want.next_pos)]:
+            assert np.array_equal(np.asarray(a), np.asarray(b)), m
+    assert [any(c.compressed) for c in swept] == [True, True, False]
+    with pytest.raises(Exception, match="differing only in capacity"):
+        compress_budgets(target, prompts, [methods[0], make_method(name, capacity=16, window_size=2, kernel_size=3)])
+
+
+def test_kv_budget_sweep_splits_the_prefill_where_speckv_sparse_rows_differ(tiny_pair, stage_calls):
+    """With its 5 lookahead tokens a 79-token prompt passes the sparse threshold (64 + 16); it is scored, so
+    sparse, at capacity 16 but not at 78 (``n > capacity + 1`` fails), though both compress it: two prefills,
+    each result still equal to ``compress`` alone."""
+    import numpy as np
+
+    from jaxspec.kv import SpecKV
+    from jaxspec.kv.pipeline import compress, compress_budgets
+
+    target, draft = tiny_pair
+    prompts = [np.random.default_rng(3).integers(3, 101, 79).tolist()]
+    methods = [SpecKV(capacity=c, window_size=4, kernel_size=3, prefill_window_size=64, prefill_vertical_size=16)
+               for c in (16, 24, 78)]
+    swept = compress_budgets(target, prompts, methods, draft=draft, max_new_tokens=5)
+    assert stage_calls["prefill"] == 2 and stage_calls["generate_tokens"] == 1
+    for m, got in zip(methods, swept):
+        want = compress(target, prompts, m, draft=draft, max_new_tokens=5)
+        assert got.compressed == want.compressed == [True]
+        for a, b in [(got.cache.k, want.cache.k), (got.cache.pos, want.cache.pos), (got.logits, want.logits)]:
+            assert np.array_equal(np.asarray(a), np.asarray(b)), m
+
+
+@pytest.mark.parametrize("name", ["specpc", "specprefill", "draft-ppl", "random"])
+def test_pc_budget_sweep_scores_once(tiny_pair, stage_calls, name):
+    from jaxspec.pc import compress, make_method
+    from jaxspec.pc.pipeline import compress_budgets
+
+    target, draft = tiny_pair
+    params = {"window_size": 4, **({"starting_layer_index": 0, "kernel_size": 4, "lookahead_tokens": 3}
+                                   if name == "specpc" else {})}
+    pcs = [make_method(name, capacity=c, **params) for c in (16, 24, 64)]
+    prompts = tiny_prompts()
+    swept = compress_budgets(prompts, pcs, draft=draft, stop_ids=[7])
+    passes = stage_calls["attention_pass"] + stage_calls["surprisal_pass"]
+    assert passes == (0 if name == "random" else 1) and stage_calls["select_tokens"] == 2
+    for pc, got in zip(pcs, swept):
+        want = compress(prompts, pc, draft=draft, stop_ids=[7])
+        assert (got.kept, got.prompts, got.compressed, got.lookahead) == (want.kept, want.prompts, want.compressed,
+                                                                          want.lookahead)
+
+
+def sweep_config(out: Path, methods: list, tasks=("niah_single_1", "vt")) -> dict:
+    """The tiny config, one sample per task, budgets 64 and 128."""
+    return run.load_config(REPO / "experiments" / "configs" / "tiny.yaml",
+                           [f"out={out}", "samples=1", f"methods={json.dumps(methods)}",
+                            f"datasets.0.tasks={json.dumps(list(tasks))}"])
+
+
+def unshared(stories, rec, **kw):
+    """The record's prediction recomputed alone with ``jaxspec.generate`` (no sharing across budgets)."""
+    import jaxspec
+    from experiments.data import PromptFormat, ruler
+
+    sample = ruler.sample(stories.tokenizer, rec["task"], rec["length"], rec["index"], fmt=PromptFormat(chat=False))
+    return jaxspec.generate(stories, sample.ids, max_new_tokens=8, **kw).text
+
+
+KV_METHODS = [{"name": "snapkv", "params": {"window_size": 8}},
+              {"name": "speckv", "params": {"window_size": 8, "lookahead_tokens": 4}}]
+
+
+@needs_stories
+def test_kv_budgets_share_one_prefill_per_sample(tmp_path, stories, stage_calls):
+    from jaxspec.kv import make_method
+
+    cfg = sweep_config(tmp_path / "run", KV_METHODS)
+    out = run.run(cfg, models=(stories, stories))
+    records = run.read_records(out / "predictions.jsonl")
+    assert len(records) == 2 * 2 * 2  # 2 tasks x 1 sample x 2 methods x 2 budgets
+    assert all(r["kv"]["compressed"] and r["budget_of"] == "kv" for r in records)
+    assert stage_calls["prefill"] == 2 * 2  # per (sample, method), not per budget
+    assert stage_calls["generate_tokens"] == 2  # speckv's draft lookahead, once per sample
+    assert stage_calls["compress_cache"] == len(records)
+    stage_calls.clear()
+    for rec in records:
+        spec = next(m for m in KV_METHODS if m["name"] == rec["method"])
+        kv = make_method(spec["name"], **spec["params"], capacity=rec["budget"])
+        assert rec["prediction"] == unshared(stories, rec, kv=kv, draft=stories if kv.needs_draft else None), rec["key"]
+
+
+@needs_stories
+def test_resume_after_kill_inside_a_budget_sweep(tmp_path, stories, stage_calls):
+    cfg = sweep_config(tmp_path / "run", ["full", KV_METHODS[0]])
+    seen = []
+
+    def kill_inside_the_first_sweep(rec):
+        seen.append(rec["key"])
+        if rec["method"] == "snapkv":
+            raise KeyboardInterrupt("killed")
+
+    with pytest.raises(KeyboardInterrupt):
+        run.run(cfg, on_record=kill_inside_the_first_sweep, models=(stories, None))
+    assert [json.loads(k)[2:4] for k in seen] == [["full", None], ["snapkv", 64]]
+    stage_calls.clear()
+    out = run.run(cfg, models=(stories, None))
+    records = run.read_records(out / "predictions.jsonl")
+    keys = Counter(r["key"] for r in records)
+    expected = {run.record_key(t, 384, m, b, 0) for t in ("niah_single_1", "vt")
+                for m, b in (("full", None), ("snapkv", 64), ("snapkv", 128))}
+    assert set(keys) == expected and set(keys.values()) == {1}
+    assert stage_calls["compress_cache"] == 4 - 1  # the restart computes only the budgets left
+    fresh = run.run(dict(cfg, out=str(tmp_path / "fresh")), models=(stories, None))
+    want = {r["key"]: r["prediction"] for r in run.read_records(fresh / "predictions.jsonl")}
+    assert {r["key"]: r["prediction"] for r in records} == want
+
+
+PC_METHODS = [
+    {"name": "specpc", "params": {"window_size": 16, "kernel_size": 8, "lookahead_tokens": 2, "starting_layer_index": 0}},
+    "recency",
+    {"name": "speckv-pc", "kind": "pc", "method": "specpc", "budget": "kv",
+     "params": {"capacity": 192, "window_size": 16, "kernel_size": 8, "lookahead_tokens": 3, "starting_layer_index": 0},
+     "kv": "speckv", "kv_params": {"window_size": 8}},
+]
+
+
+@needs_stories
+def test_pc_kind_end_to_end(tmp_path, stories, stage_calls):
+    from jaxspec.kv import make_method as make_kv
+    from jaxspec.pc import make_method as make_pc
+
+    cfg = sweep_config(tmp_path / "run", PC_METHODS, tasks=["niah_single_1"])
+    specs = {s["name"]: s for s in run.method_specs(cfg)}
+    assert [specs[n]["kind"] for n in ("specpc", "recency", "speckv-pc")] == ["pc"] * 3
+    assert [specs[n]["budget_of"] for n in ("specpc", "recency", "speckv-pc")] == ["pc", "pc", "kv"]
+    out = run.run(cfg, models=(stories, stories))
+    records = run.read_records(out / "predictions.jsonl")
+    assert len(records) == 3 * 2  # 1 sample x 3 methods x 2 budgets
+    assert stage_calls["attention_pass"] == 2  # the specpc sweep's, the speckv-pc compression's
+    assert stage_calls["prefill"] == 1  # speckv-pc: one target prefill for both kv budgets
+    assert stage_calls["generate_tokens"] == 0  # SpecKV-PC reuses SpecPC's lookahead
+    for rec in records:
+        if rec["method"] == "speckv-pc":
+            assert rec["pc"]["tokens_out"] == 192 and rec["kv"]["compressed"] and rec["budget_of"] == "kv"
+            kw = dict(pc=make_pc("specpc", **PC_METHODS[2]["params"]), kv=make_kv("speckv", window_size=8,
+                                                                                   capacity=rec["budget"]))
+        else:
+            params = PC_METHODS[0]["params"] if rec["method"] == "specpc" else {}
+            assert rec["pc"]["tokens_out"] == rec["budget"] < rec["pc"]["tokens_in"] and "kv" not in rec
+            kw = dict(pc=make_pc(rec["method"], **params, capacity=rec["budget"]))
+        assert rec["prediction"] == unshared(stories, rec, draft=stories, **kw), rec["key"]
+    md, paths = summarize.summarize([str(out)])
+    assert "| task | specpc @64 | specpc @128 | recency @64 | recency @128 | speckv-pc @64 | speckv-pc @128 |" in md
+    assert [p.name for p in paths] == ["score_vs_budget_ruler_384.png"]
+
+
+def test_pc_example_config_resolves():
+    cfg = run.load_config(REPO / "experiments" / "configs" / "qwen-coder-ruler-pc.yaml")
+    specs = {s["name"]: s for s in run.method_specs(cfg)}
+    assert {s["kind"] for n, s in specs.items() if n != "full"} == {"pc"}
+    assert specs["speckv-pc"]["budget_of"] == "kv" and specs["speckv-pc"]["kv"] == "speckv"
+    with pytest.raises(ValueError, match="budget must be"):
+        run.method_specs(dict(cfg, methods=[{"name": "specpc", "budget": "kv"}]))
+    with pytest.raises(ValueError, match="kind pc only"):
+        run.method_specs(dict(cfg, methods=[{"name": "snapkv", "kv": "speckv"}]))

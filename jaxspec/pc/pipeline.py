@@ -1,15 +1,20 @@
 """Prompt compression: jitted stages and the host-level ``compress`` / ``generate``.
 
 Stages (each jitted and compiled once per bucket through ``jaxspec.api.COMPILED``; lengths are arrays, the
-method and model configs static); each ends in the method's ``priority`` and ``keep_top``:
+method and model configs static). A scoring pass gives the per-token evidence ``[B, T]`` (the method's
+``source``), which does not depend on the capacity; ``select_tokens`` then applies the method's ``priority``
+and ``keep_top``. A budget sweep (``compress_budgets`` / ``generate_budgets``) scores once per batch and
+selects once per capacity.
 
 * ``attention_pass`` (specpc, specprefill): the draft prefills the right-padded prompt into an empty cache
   (an argument: XLA would constant-fold a cache made inside jit; not donated, as no output could reuse it)
   capturing the method's query rows, then greedily writes ``method.steps`` tokens (per row, stopping at a
-  stop id, which stays in the lookahead), capturing the query of every token it feeds back;
+  stop id, which stays in the lookahead), capturing the query of every token it feeds back. Given
+  ``forced`` tokens it feeds those instead of its own (``importance``: another model's attention to the
+  same lookahead, for the draft/target correlation diagnostic);
 * ``surprisal_pass`` (draft-ppl): the draft's ``-log p(x_j | x_<j)``, prefilled in chunks under a scan so
   that only ``[B, chunk, V]`` logits exist at a time;
-* ``select_tokens`` (recency, random): selection alone.
+* recency, random: no evidence (zeros).
 
 The compressed prompt is then generated from as any prompt is: ``jaxspec.generate`` (plain, ``kv=``,
 ``speculative=``) with positions ``0..C-1``; for SpecKV the draft's lookahead tokens are reused (SpecKV-PC:
@@ -40,9 +45,12 @@ from jaxspec.select import window_scores
 
 
 @functools.partial(jax.jit, static_argnames=("cfg", "method"))
-def attention_pass(params, tokens, lengths, cache, stop_ids, *, cfg: ModelConfig, method: AttentionMethod):
-    """Returns ``(index [B, k], count [B], look [B, steps], look_len [B])``: the kept positions (see
-    ``keep_top``) and the draft's greedy lookahead. ``cache`` (empty) has capacity ``T + method.steps``."""
+def attention_pass(params, tokens, lengths, cache, stop_ids, forced=None, forced_len=None, *, cfg: ModelConfig,
+                   method: AttentionMethod):
+    """Returns ``(score [B, T], look [B, steps], look_len [B])``: the method's evidence (keys ``>= n``
+    zero) and the greedy lookahead, or, with ``forced [B, steps]`` / ``forced_len [B]``, those tokens fed
+    in its place (row ``b`` feeds ``forced_len[b] - 1`` of them, as a greedy row that wrote
+    ``forced_len[b]``). ``cache`` (empty) has capacity ``T + method.steps``."""
     B, T = tokens.shape
     n = lengths
     j = jnp.arange(T)[None]
@@ -53,11 +61,13 @@ def attention_pass(params, tokens, lengths, cache, stop_ids, *, cfg: ModelConfig
                                         group=group, queries=queries)
     score = method.step_score(attn * prompt)
 
-    def is_stop(tok):
-        return (tok[:, None] == stop_ids[None]).any(axis=1)
+    def more(tok, count):  # does the row feed back the token it just wrote?
+        if forced is not None:
+            return count < forced_len
+        return ~(tok[:, None] == stop_ids[None]).any(axis=1) & (count < steps)
 
     steps = method.steps
-    first = jnp.argmax(logits, axis=-1).astype(jnp.int32)
+    first = jnp.argmax(logits, axis=-1).astype(jnp.int32) if forced is None else forced[:, 0]
     look = jnp.zeros((B, steps), jnp.int32).at[:, 0].set(first)
     count = jnp.ones((B,), jnp.int32)  # tokens written = queries captured (the prefill's, then one per feed)
     capture = AttnCapture(1, group=group, queries=queries)
@@ -70,24 +80,23 @@ def attention_pass(params, tokens, lengths, cache, stop_ids, *, cfg: ModelConfig
                                      capture_weight=live[:, None].astype(jnp.float32))
         s = method.step_score(aux["attn"][..., :T] * prompt)  # slots >= n hold the lookahead: masked
         score = jnp.maximum(score, s) if method.combine == "max" else score + s
-        nxt = jnp.argmax(logits, axis=-1).astype(jnp.int32)
+        nxt = jnp.argmax(logits, axis=-1).astype(jnp.int32) if forced is None else forced[:, step]
         look = look.at[:, step].set(jnp.where(live, nxt, 0))
         count = count + live
-        return step + 1, look, count, live & ~is_stop(nxt) & (count < steps), score, cache
+        return step + 1, look, count, live & more(nxt, count), score, cache
 
-    live = ~is_stop(first) & (count < steps)
+    live = more(first, count)
     _, look, count, _, score, _ = lax.while_loop(lambda s: s[3].any(), body,
                                                  (jnp.int32(1), look, count, live, score, cache))
     if method.combine == "mean":
         score = score / count[:, None]
-    index, kept = keep_top(method.priority(score, n), n, min(method.capacity, T))
-    return index, kept, look, count
+    return score, look, count
 
 
-@functools.partial(jax.jit, static_argnames=("cfg", "method", "chunk"))
-def surprisal_pass(params, tokens, lengths, cache, *, cfg: ModelConfig, method: Method, chunk: int):
+@functools.partial(jax.jit, static_argnames=("cfg", "chunk"))
+def surprisal_pass(params, tokens, lengths, cache, *, cfg: ModelConfig, chunk: int):
     """Score token ``j`` by ``-log p(x_j | x_<j)`` under the draft (token 0: 0), prefilling ``chunk`` tokens
-    at a time into ``cache`` (empty, capacity ``T``); returns ``keep_top``'s ``(index, count)``."""
+    at a time into ``cache`` (empty, capacity ``T``); returns the scores ``[B, T]``."""
     B, T = tokens.shape
     j = jnp.arange(T)[None]
     positions = jnp.where(j < lengths[:, None], j, -1)
@@ -104,14 +113,13 @@ def surprisal_pass(params, tokens, lengths, cache, *, cfg: ModelConfig, method: 
 
     _, s = lax.scan(body, cache, (chunks(tokens), chunks(positions), chunks(targets)))
     s = s.transpose(1, 0, 2).reshape(B, T)
-    score = jnp.concatenate([jnp.zeros((B, 1), s.dtype), s[:, :-1]], axis=1)
-    return keep_top(method.priority(score, lengths), lengths, min(method.capacity, T))
+    return jnp.concatenate([jnp.zeros((B, 1), s.dtype), s[:, :-1]], axis=1)
 
 
 @functools.partial(jax.jit, static_argnames=("method",))
-def select_tokens(lengths, zeros, *, method: Method):
-    """``keep_top`` for methods that need no draft; ``zeros [B, T]`` carries the shape."""
-    return keep_top(method.priority(zeros, lengths), lengths, min(method.capacity, zeros.shape[1]))
+def select_tokens(score, lengths, *, method: Method):
+    """``keep_top`` of the method's priorities from the evidence ``score [B, T]``: ``(index [B, k], count [B])``."""
+    return keep_top(method.priority(score, lengths), lengths, min(method.capacity, score.shape[1]))
 
 
 @functools.partial(jax.jit, static_argnames=("cfg", "max_steps", "pad_id"), donate_argnames=("cache",))
@@ -129,7 +137,8 @@ class Compressed:
     """A compressed prompt batch. ``prompts[b]`` are the kept token ids of row ``b``, ``kept[b]`` their
     original positions (ascending); ``compressed[b]`` is False where the prompt fit in the capacity (it is
     returned unchanged). ``lookahead``: the draft's greedy tokens (attention methods), else None.
-    ``timings``: ``draft`` (the draft pass and selection) and ``compile`` seconds."""
+    ``timings``: ``draft`` (the draft pass and selection; in a budget sweep the one shared pass is counted in
+    every result) and ``compile`` seconds."""
 
     method: Method
     prompts: list[list[int]]
@@ -169,34 +178,85 @@ def check_draft(pc: Method, target: Model | None, draft: Model | None) -> None:
     check_same_vocabulary(target, draft)
 
 
+def check_budget_sweep(pcs: list[Method]) -> None:
+    """Refuse configs that differ in anything but ``capacity`` (or are of different methods)."""
+    if not pcs:
+        raise InputError("no pc methods")
+    for m in pcs[1:]:
+        if type(m) is not type(pcs[0]) or dict(m.params(), capacity=None) != dict(pcs[0].params(), capacity=None):
+            raise InputError(f"a budget sweep needs configs of one method differing only in capacity; got {pcs[0]} "
+                             f"and {m}")
+
+
+def _evidence(batch, pc: Method, model: Model | None, stop_ids, timings, lookahead=None):
+    """``(score [B, T], lookahead or None)``: what ``pc`` ranks the tokens by, from ``model``'s pass."""
+    B, T = batch.tokens.shape
+    if pc.source == "attention":
+        forced = ()
+        if lookahead is not None:
+            if max(map(len, lookahead)) > pc.steps or min(map(len, lookahead)) < 1:
+                raise InputError(f"{pc.name}: a forced lookahead needs 1 to {pc.steps} tokens per row")
+            look = np.zeros((B, pc.steps), np.int32)
+            for b, r in enumerate(lookahead):
+                look[b, : len(r)] = r
+            forced = (jnp.asarray(look), jnp.asarray([len(r) for r in lookahead], jnp.int32))
+        args = (model.params, batch.tokens, batch.lengths, KVCache.create(model.config, B, T + pc.steps),
+                _stops(stop_ids), *forced)
+        score, look, look_len = _run(attention_pass, args, {"cfg": model.config, "method": pc}, timings)
+        return score, [r[:m].tolist() for r, m in zip(np.asarray(look), np.asarray(look_len))]
+    if pc.source == "surprisal":
+        args = (model.params, batch.tokens, batch.lengths, KVCache.create(model.config, B, T))
+        return _run(surprisal_pass, args, {"cfg": model.config, "chunk": math.gcd(T, 512)}, timings), None
+    return jnp.zeros((B, T), jnp.float32), None
+
+
+def importance(model: Model, prompts: list[list[int]], pc: Method, *, stop_ids=(),
+               lookahead: list[list[int]] | None = None) -> tuple[list[np.ndarray], list[list[int]] | None]:
+    """The per-token evidence ``pc`` ranks a prompt's tokens by (before its smoothing and selection), computed
+    with ``model``: for SpecPC the aggregated attention ``S`` of §2.2 steps 1-3; ``[n]`` floats per row.
+    ``lookahead`` (attention methods): tokens fed in place of ``model``'s own greedy ones, so that the
+    target's attention to the draft's lookahead can be compared with the draft's. Returns ``(scores,
+    lookahead)``."""
+    if pc.needs_draft:
+        pc.check(model.config)
+    batch = pad_prompts(prompts, PAD_ID)
+    score, look = _evidence(batch, pc, model, stop_ids, {"draft": 0.0, "compile": 0.0}, lookahead)
+    return [row[: len(p)] for row, p in zip(np.asarray(score), prompts)], look
+
+
 def compress(prompts: list[list[int]], pc: Method, *, draft: Model | None = None, stop_ids=()) -> Compressed:
     """Compress a batch of token-id prompts with ``pc`` (``draft``: the draft model of methods that need one;
     ``stop_ids`` end its lookahead early). Rows with ``len <= capacity`` come back unchanged; when every row
     does, nothing runs."""
-    check_draft(pc, None, draft)
+    return compress_budgets(prompts, [pc], draft=draft, stop_ids=stop_ids)[0]
+
+
+def compress_budgets(prompts: list[list[int]], pcs: list[Method], *, draft: Model | None = None,
+                     stop_ids=()) -> list[Compressed]:
+    """``compress`` with each config of ``pcs``, which differ only in ``capacity`` (a budget sweep): the
+    draft's scoring pass does not depend on the capacity, so it runs once; the selection runs per capacity.
+    Each result equals ``compress(prompts, pc, ...)``; a capacity that holds every prompt returns them
+    unchanged (no lookahead), as ``compress`` does."""
+    check_budget_sweep(pcs)
+    check_draft(pcs[0], None, draft)
     lengths = [len(p) for p in prompts]
-    compressed = [n > pc.capacity for n in lengths]
-    timings = {"draft": 0.0, "compile": 0.0}
-    if not any(compressed):
-        return Compressed(pc, [list(p) for p in prompts], [list(range(n)) for n in lengths], lengths, compressed,
-                          None, timings)
-    batch = pad_prompts(prompts, PAD_ID)
-    B, T = batch.tokens.shape
-    lookahead = None
-    if pc.source == "attention":
-        args = (draft.params, batch.tokens, batch.lengths, KVCache.create(draft.config, B, T + pc.steps),
-                _stops(stop_ids))
-        index, count, look, look_len = _run(attention_pass, args, {"cfg": draft.config, "method": pc}, timings)
-        lookahead = [r[:m].tolist() for r, m in zip(np.asarray(look), np.asarray(look_len))]
-    elif pc.source == "surprisal":
-        args = (draft.params, batch.tokens, batch.lengths, KVCache.create(draft.config, B, T))
-        index, count = _run(surprisal_pass, args, {"cfg": draft.config, "method": pc, "chunk": math.gcd(T, 512)},
-                            timings)
-    else:
-        index, count = _run(select_tokens, (batch.lengths, jnp.zeros((B, T), jnp.float32)), {"method": pc}, timings)
-    kept = [r[:c].tolist() for r, c in zip(np.asarray(index), np.asarray(count))]
-    return Compressed(pc, [[p[i] for i in k] for p, k in zip(prompts, kept)], kept, lengths, compressed, lookahead,
-                      timings)
+    flags = [[n > pc.capacity for n in lengths] for pc in pcs]
+    shared = {"draft": 0.0, "compile": 0.0}
+    if any(map(any, flags)):
+        batch = pad_prompts(prompts, PAD_ID)
+        score, lookahead = _evidence(batch, pcs[0], draft, stop_ids, shared)
+    out = []
+    for pc, compressed in zip(pcs, flags):
+        if not any(compressed):
+            out.append(Compressed(pc, [list(p) for p in prompts], [list(range(n)) for n in lengths], lengths,
+                                  compressed, None, {"draft": 0.0, "compile": 0.0}))
+            continue
+        timings = dict(shared)
+        index, count = _run(select_tokens, (score, batch.lengths), {"method": pc}, timings)
+        kept = [r[:c].tolist() for r, c in zip(np.asarray(index), np.asarray(count))]
+        out.append(Compressed(pc, [[p[i] for i in k] for p, k in zip(prompts, kept)], kept, lengths, compressed,
+                              lookahead, timings))
+    return out
 
 
 def accounting(c: Compressed, b: int, kept_indices: bool = False) -> dict:
@@ -253,32 +313,63 @@ def generate(model: Model, prompts, pc: Method, *, draft: Model | None = None, k
     after an attention method the draft's lookahead from the compression pass is reused (SpecKV-PC: no second
     draft pass; SpecKV's own ``lookahead_tokens`` then does not apply). Each result carries ``pc``
     accounting; ``timings["pc_draft"]`` is the compression's draft time."""
+    req = prepare_request(model, prompts, max_new_tokens, chat, stop_ids, cache_capacity)
+    results = _generate(model, req, [pc], draft=draft, kv=kv, speculative=speculative, max_new_tokens=max_new_tokens,
+                        sampling=dict(temperature=temperature, top_k=top_k, top_p=top_p), seed=seed,
+                        cache_capacity=cache_capacity, kept_indices=kept_indices)[0]
+    return results[0] if req.single else results
+
+
+def generate_budgets(model: Model, prompts, pcs: list[Method], *, draft: Model | None = None, kv=None,
+                     speculative=None, max_new_tokens: int = 64, temperature: float = 0.0, top_k: int = 0,
+                     top_p: float = 1.0, seed: int = 0, stop_ids=None, chat: bool = False,
+                     cache_capacity: int | None = None, kept_indices: bool = False) -> list[list[GenerationResult]]:
+    """``generate`` over a budget sweep: either ``pcs`` are configs of one method differing only in capacity
+    (one draft scoring pass, then per capacity a selection and a generation), or ``pcs`` is one config and
+    ``kv`` a list of kv configs differing only in capacity (one compression, then
+    ``jaxspec.kv.pipeline.generate_budgets``: for SpecKV-PC one target prefill for every kv capacity).
+    Returns the results per config of the sweep, each a list over the prompts."""
+    req = prepare_request(model, prompts, max_new_tokens, chat, stop_ids, cache_capacity)
+    return _generate(model, req, list(pcs), draft=draft, kv=kv, speculative=speculative,
+                     max_new_tokens=max_new_tokens, sampling=dict(temperature=temperature, top_k=top_k, top_p=top_p),
+                     seed=seed, cache_capacity=cache_capacity, kept_indices=kept_indices)
+
+
+def _generate(model: Model, req, pcs: list[Method], *, draft, kv, speculative, max_new_tokens, sampling, seed,
+              cache_capacity, kept_indices) -> list[list[GenerationResult]]:
     from jaxspec import api
     from jaxspec.kv import make_method
-    from jaxspec.kv.pipeline import generate as kv_generate
+    from jaxspec.kv.pipeline import generate_budgets as kv_generate_budgets
 
-    req = prepare_request(model, prompts, max_new_tokens, chat, stop_ids, cache_capacity)
-    check_draft(pc, model, draft)
-    if pc.keep_positions and (kv is not None or speculative is not None):
-        raise InputError(f"pc method {pc.name!r} keeps the original positions: it combines with neither kv= nor "
-                         "speculative=")
-    c = compress(req.ids, pc, draft=draft, stop_ids=req.stop_ids)
-    sampling = dict(temperature=temperature, top_k=top_k, top_p=top_p)
-    kv = make_method(kv) if kv is not None else None
-    if pc.keep_positions and any(c.compressed):
-        results = _generate_at_positions(model, c, max_new_tokens=max_new_tokens, sampling=Sampling.make(**sampling),
-                                         seed=seed, stop_ids=req.stop_ids)
-    elif kv is not None and kv.lookahead and kv.needs_draft and c.lookahead is not None:  # SpecKV-PC
-        results = kv_generate(model, c.prompts, kv, draft=draft, lookahead=c.lookahead, max_new_tokens=max_new_tokens,
-                              sampling=Sampling.make(**sampling), seed=seed, stop_ids=req.stop_ids,
-                              kept_indices=kept_indices)
-    else:
-        inner_draft = draft if (kv is not None and kv.needs_draft) or speculative is not None else None
-        results = api.generate(model, c.prompts, max_new_tokens=max_new_tokens, seed=seed, stop_ids=req.stop_ids,
-                               cache_capacity=cache_capacity, kv=kv, draft=inner_draft, kept_indices=kept_indices,
-                               speculative=speculative, **sampling)
-    for b, r in enumerate(results):
-        r.pc = accounting(c, b, kept_indices)
-        r.timings["pc_draft"] = c.timings["draft"]
-        r.timings["compile"] += c.timings["compile"]
-    return results[0] if req.single else results
+    kvs = [make_method(k) for k in kv] if isinstance(kv, (list, tuple)) else [None if kv is None else make_method(kv)]
+    if len(pcs) > 1 and len(kvs) > 1:
+        raise InputError("a budget sweep varies the pc capacity or the kv capacity, not both")
+    check_draft(pcs[0], model, draft)
+    if pcs[0].keep_positions and (kvs[0] is not None or speculative is not None):
+        raise InputError(f"pc method {pcs[0].name!r} keeps the original positions: it combines with neither kv= "
+                         "nor speculative=")
+    sweep = []
+    for c in compress_budgets(req.ids, pcs, draft=draft, stop_ids=req.stop_ids):
+        if c.method.keep_positions and any(c.compressed):
+            groups = [_generate_at_positions(model, c, max_new_tokens=max_new_tokens,
+                                             sampling=Sampling.make(**sampling), seed=seed, stop_ids=req.stop_ids)]
+        elif kvs[0] is not None and speculative is None:
+            if cache_capacity is not None:
+                raise InputError("cache_capacity does not apply to kv-compressed generation")
+            speckv_pc = kvs[0].lookahead and kvs[0].needs_draft and c.lookahead is not None
+            groups = kv_generate_budgets(model, c.prompts, kvs, draft=draft if kvs[0].needs_draft else None,
+                                         lookahead=c.lookahead if speckv_pc else None, max_new_tokens=max_new_tokens,
+                                         sampling=Sampling.make(**sampling), seed=seed, stop_ids=req.stop_ids,
+                                         kept_indices=kept_indices)
+        else:
+            inner_draft = draft if speculative is not None else None  # kv with speculative: api.generate refuses
+            groups = [api.generate(model, c.prompts, max_new_tokens=max_new_tokens, seed=seed, stop_ids=req.stop_ids,
+                                   cache_capacity=cache_capacity, kv=k, draft=inner_draft, kept_indices=kept_indices,
+                                   speculative=speculative, **sampling) for k in kvs]
+        for results in groups:
+            for b, r in enumerate(results):
+                r.pc = accounting(c, b, kept_indices)
+                r.timings["pc_draft"] = c.timings["draft"]
+                r.timings["compile"] += c.timings["compile"]
+            sweep.append(results)
+    return sweep
