@@ -67,3 +67,17 @@ def shared_asset(rel: str) -> Path:
 
 
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _fresh_compilations():
+    """Drop every compiled program after each test module: ``jaxspec.api.COMPILED`` and JAX's own caches
+    would otherwise hold hundreds of executables (and their constants) for the whole session — the suite
+    then crashed XLA:CPU inside a late compile, although every module passes on its own."""
+    yield
+    import jax
+
+    from jaxspec.api import COMPILED
+
+    COMPILED._table.clear()
+    jax.clear_caches()
