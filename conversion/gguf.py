@@ -376,8 +376,10 @@ def config_from_gguf(
         raise GGUFError(f"GGUF metadata describes an invalid model: {e}") from e
 
 
-def _build_params(f: GGUFFile, cfg: ModelConfig) -> dict[str, Any]:
-    """Fill the model's parameter tree rule by rule, one tensor dequantised at a time."""
+def _build_params(f: GGUFFile, cfg: ModelConfig, put=None) -> dict[str, Any]:
+    """Fill the model's parameter tree rule by rule, one tensor dequantised at a time; ``put(path, array)``
+    places each finished leaf ("a/b/c" path; default ``jnp.asarray``)."""
+    put = put or (lambda path, a: jnp.asarray(a))
     shapes = param_shapes(cfg)
     permute = f.metadata["general.architecture"] in _PERMUTED_ARCHS
     params: dict[str, Any] = {}
@@ -405,16 +407,19 @@ def _build_params(f: GGUFFile, cfg: ModelConfig) -> dict[str, Any]:
         sub = params
         for key in rule.path[:-1]:
             sub = sub.setdefault(key, {})
-        sub[rule.path[-1]] = jnp.asarray(out)
+        sub[rule.path[-1]] = put("/".join(rule.path), out)
         del out  # at most one stacked host array alive besides the device params
     return params
 
 
 def load_gguf(
-    path: str | os.PathLike, dtype: str = "float32"
+    path: str | os.PathLike, dtype: str = "float32", put_for=None
 ) -> tuple[ModelConfig, dict[str, Any], dict[str, Any]]:
     """Load a llama / qwen2 / qwen3 GGUF: ``(config, params, metadata)``. Weights are dequantised
-    to float32 and cast to ``dtype`` (which also becomes the activation dtype of the config)."""
+    to float32 and cast to ``dtype`` (which also becomes the activation dtype of the config).
+    ``put_for(cfg)`` (optional) returns the ``put(path, array)`` hook that places each leaf as soon as it is
+    dequantised — e.g. straight onto its ``NamedSharding`` (``jaxspec.sharding.param_put``), so a sharded
+    load never holds the whole model on one device."""
     f = GGUFFile(path)
     cfg = config_from_gguf(f.metadata, f.tensors, dtype)
-    return cfg, _build_params(f, cfg), f.metadata
+    return cfg, _build_params(f, cfg, None if put_for is None else put_for(cfg)), f.metadata

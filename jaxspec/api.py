@@ -69,7 +69,8 @@ def load(path: str | os.PathLike, *, dtype: str | None = None, quiet: bool = Fal
         from jaxspec.conversion.gguf import load_gguf
         from jaxspec.conversion.tokenizer import tokenizer_from_gguf
 
-        cfg, params, meta = load_gguf(path, dtype=dtype or "float32")
+        put_for = None if mesh is None else (lambda c: sharding.param_put(c, mesh, rules))
+        cfg, params, meta = load_gguf(path, dtype=dtype or "float32", put_for=put_for)
         tok = tokenizer_from_gguf(meta)
     elif checkpoint.is_checkpoint(path):
         shardings = None

@@ -33,6 +33,7 @@ from jaxspec.generation import (CACHE_FULL, FINISH_NAMES, LENGTH, PREFILL_CLOCK,
                                 sample_logits)
 from jaxspec.models.config import ModelConfig
 from jaxspec.models.transformer import forward
+from jaxspec.sharding import to_host
 
 
 def sampling_probs(logits, sampling: Sampling):
@@ -266,8 +267,8 @@ def generate_speculative(
     elif HOST_DRAFT_TIMER.rows:
         timings["drafting"] = HOST_DRAFT_TIMER.total
 
-    tokens, n_gen, reasons = np.asarray(out.tokens), np.asarray(out.num_generated), np.asarray(out.finish_reason)
-    acc = np.asarray(out.accepted_hist)
+    tokens, n_gen, reasons = to_host(out.tokens), to_host(out.num_generated), to_host(out.finish_reason)
+    acc = to_host(out.accepted_hist)
     tps = (int(n_gen.sum()) - len(batch)) / timings["decode"] if timings["decode"] > 0 else 0.0
     results = []
     for i in range(len(batch)):

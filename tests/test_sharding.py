@@ -31,7 +31,9 @@ RUNS = [  # (model, mesh, layout, source) run on 8 devices
     ("wide", "data=2,model=4", "stacked", "orbax"),
     ("qwen", "data=2,model=4", "unstacked", "hf"),
 ]
-METHODS = ("speckv", "speculative")  # SpecKV (draft lookahead + SnapKV selection), draft-model speculative decoding
+# SpecKV (draft lookahead + SnapKV selection), SpecPC (draft attention -> shorter prompt), draft-model and ADED
+# (host-side MCTS through io_callback) speculative decoding
+METHODS = ("speckv", "specpc", "speculative", "aded")
 
 
 def _cfg(name):
@@ -152,7 +154,9 @@ def _methods_worker(dirs: dict) -> dict:
     greedy decoding must reproduce plain greedy decoding, so its reference is plain generation."""
     import jaxspec
     from jaxspec.drafters import make_drafter
+    from jaxspec.drafters.trigram import TrigramTable
     from jaxspec.kv import SpecKV
+    from jaxspec.pc import SpecPC
     from jaxspec.sharding import ShardingRules
     from jaxspec.speculative import generate_speculative
 
@@ -168,9 +172,19 @@ def _methods_worker(dirs: dict) -> dict:
     plain = ids(jaxspec.generate(ref_target, prompts, max_new_tokens=NEW, stop_ids=[]))
     spec = generate_speculative(target, prompts, make_drafter("draft-model"), max_new_tokens=NEW, stop_ids=[],
                                 draft_model=draft)
+    pc = SpecPC(capacity=8, window_size=2, starting_layer_index=0)
+    pc_one = jaxspec.generate(ref_target, prompts, max_new_tokens=NEW, stop_ids=[], pc=pc, draft=ref_draft)
+    assert pc_one[1].pc["compressed"]
+    texts = [list(range(3, 60)) * 2 + p + p for p in prompts]  # a table whose trigrams the prompts reuse
+    table = TrigramTable.build(texts, target.config.vocab_size)
+    aded = generate_speculative(target, prompts, make_drafter("aded", tree_size=6, table=table), max_new_tokens=NEW,
+                                stop_ids=[])
     return {"speckv": [ids(one), ids(jaxspec.generate(target, prompts, max_new_tokens=NEW, stop_ids=[], kv=kv,
                                                       draft=draft))],
-            "speculative": [plain, ids(spec)]}
+            "specpc": [ids(pc_one), ids(jaxspec.generate(target, prompts, max_new_tokens=NEW, stop_ids=[], pc=pc,
+                                                         draft=draft))],
+            "speculative": [plain, ids(spec)],
+            "aded": [plain, ids(aded)]}
 
 
 @pytest.fixture(scope="module")
@@ -312,6 +326,33 @@ def test_parse_mesh():
         parse_mesh("data=3,model=-1", 8)
 
 
+def test_gguf_leaves_are_placed_one_by_one_as_they_are_dequantised():
+    """``load_gguf(put_for=...)``: every parameter leaf goes through the placement hook (a mesh load uses
+    ``sharding.param_put`` there), with the path the sharding rules know, and the result is unchanged."""
+    import jax
+
+    from conftest import shared_asset
+    from jaxspec.conversion.gguf import load_gguf
+    from jaxspec.sharding import param_axes
+
+    path = shared_asset("tinyllamas/tinyllamas-stories-260k-f32.gguf")
+    seen = []
+
+    def put_for(cfg):
+        def put(leaf, a):
+            assert isinstance(a, np.ndarray)  # host data: never a whole device array first
+            param_axes(leaf)  # a path the sharding rules declare
+            seen.append(leaf)
+            return jax.numpy.asarray(a)
+        return put
+
+    cfg, params, _ = load_gguf(path, put_for=put_for)
+    _, plain, _ = load_gguf(path)
+    flat = {jax.tree_util.keystr(p, simple=True, separator="/") for p, _ in jax.tree_util.tree_flatten_with_path(params)[0]}
+    assert sorted(seen) == sorted(flat)
+    jax.tree.map(np.testing.assert_array_equal, params, plain)
+
+
 def test_one_device_mesh_loads_and_generates_like_no_mesh(tmp_path):
     import jaxspec
     from jaxspec.sharding import ShardingError, make_mesh
@@ -334,19 +375,27 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def test_two_processes_generate_what_one_process_generates(tmp_path):
+@pytest.mark.parametrize("extra", [[], ["--kv", "snapkv", "--capacity", "8", "--window", "2"],
+                                   ["--speculative", "ngram", "--tree-size", "4"]], ids=["plain", "snapkv", "ngram"])
+def test_two_processes_generate_what_one_process_generates(tmp_path, extra):
     """``jaxspec generate --distributed``: 2 processes × 2 CPU devices, the model axis spanning both
-    processes (gloo collectives), give the tokens of one plain process."""
+    processes (gloo collectives), give the tokens of one plain process — plainly, with a compressed KV cache
+    (against SnapKV on one process) and with speculative decoding (against plain greedy decoding)."""
     import jaxspec
+    from jaxspec.kv import SnapKV
 
     d = _save_model("wide", tmp_path / "m")
     prompt = _prompts(128)[1]
-    want = jaxspec.generate(jaxspec.load(d, quiet=True), prompt, max_new_tokens=NEW, stop_ids=[]).token_ids
+    kw = {"kv": SnapKV(capacity=8, window_size=2)} if "--kv" in extra else {}
+    one = jaxspec.generate(jaxspec.load(d, quiet=True), prompt, max_new_tokens=NEW, stop_ids=[], **kw)
+    if kw:
+        assert one.kv["compressed"]
+    want = one.token_ids
     env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=2", JAX_PLATFORMS="cpu")
     port = _free_port()
     cmd = [sys.executable, "-m", "jaxspec.cli", "generate", "--model", str(d), "--prompt-ids",
            ",".join(map(str, prompt)), "--max-new-tokens", str(NEW), "--stop-ids=", "--json", "--mesh", "model=4",
-           "--distributed", "--coordinator", f"127.0.0.1:{port}", "--num-processes", "2"]
+           "--distributed", "--coordinator", f"127.0.0.1:{port}", "--num-processes", "2", *extra]
     procs = [subprocess.Popen(cmd + ["--process-id", str(i)], env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                               text=True) for i in range(2)]
     outs = []

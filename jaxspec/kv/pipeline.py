@@ -37,6 +37,7 @@ from jaxspec.kv.full import Full
 from jaxspec.models.config import ModelConfig
 from jaxspec.models.transformer import forward
 from jaxspec.select import gather, query_rows, window_scores
+from jaxspec.sharding import to_host
 
 
 def grow(cache: KVCache, extra: int) -> KVCache:
@@ -168,7 +169,7 @@ def prefill_key(method: Method, lengths, look_len, Ls: int, T: int):
     ``sparse_prefill()``, evaluated on the concrete lengths), as a hashable value: configs with equal keys
     run the same prefill program on the same inputs, so one prefill serves them all."""
     def host(x):
-        return tuple(np.asarray(x).ravel().tolist()) if isinstance(x, (jax.Array, np.ndarray)) else x
+        return tuple(to_host(x).ravel().tolist()) if isinstance(x, (jax.Array, np.ndarray)) else x
 
     capture = method.capture()
     if capture is None:
@@ -221,7 +222,7 @@ def compress_budgets(target: Model, prompts: list[list[int]], methods: list[Meth
             out = _run(generate_tokens, args, {"cfg": source.config, "max_steps": Ls, "pad_id": pad_id}, timings,
                        "draft")
             look, look_len = out.tokens, out.num_generated
-            lookahead = [r[:m].tolist() for r, m in zip(np.asarray(look), np.asarray(look_len))]
+            lookahead = [r[:m].tolist() for r, m in zip(to_host(look), to_host(look_len))]
         Ls = 0 if look is None else look.shape[1]
         for i, (m, f) in enumerate(zip(methods, flags)):
             if not any(f):
@@ -253,7 +254,7 @@ def accounting(c: Compressed, cfg: ModelConfig, kept_indices: bool = False) -> l
     where heads differ), KV bytes kept vs the full prompt's, and optionally the kept positions
     ``kept_indices[layer][kv_head]`` (sorted). Counts are taken at decode start, so SpecKV's include the
     re-fed final prompt token (``capacity + 1``)."""
-    pos = np.asarray(c.cache.pos)  # [L, B, H, K]
+    pos = to_host(c.cache.pos)  # [L, B, H, K]
     per_entry = 2 * cfg.head_dim * np.dtype(c.cache.k.dtype).itemsize  # K and V of one (layer, head, slot)
     L, _, H, K = pos.shape
     rows = []
@@ -314,7 +315,7 @@ def generate_budgets(target: Model, prompts: list[list[int]], methods: list[Meth
         out, decode_s, compile_s = decode(target, c, max_new_tokens=max_new_tokens, sampling=sampling, seed=seed,
                                           stop_ids=stop_ids)
         timings = dict(c.timings, decode=decode_s, compile=c.timings["compile"] + compile_s, load=load)
-        tokens, n_gen, reasons = np.asarray(out.tokens), np.asarray(out.num_generated), np.asarray(out.finish_reason)
+        tokens, n_gen, reasons = to_host(out.tokens), to_host(out.num_generated), to_host(out.finish_reason)
         tps = (int(n_gen.sum()) - len(prompts)) / decode_s if decode_s > 0 else 0.0
         results = []
         for b, acc in enumerate(accounting(c, target.config, kept_indices)):

@@ -42,6 +42,7 @@ from jaxspec.models.config import ModelConfig
 from jaxspec.models.transformer import AttnCapture, forward
 from jaxspec.pc.base import AttentionMethod, Method, keep_top
 from jaxspec.select import window_scores
+from jaxspec.sharding import to_host
 
 
 @functools.partial(jax.jit, static_argnames=("cfg", "method"))
@@ -203,7 +204,7 @@ def _evidence(batch, pc: Method, model: Model | None, stop_ids, timings, lookahe
         args = (model.params, batch.tokens, batch.lengths, KVCache.create(model.config, B, T + pc.steps),
                 _stops(stop_ids), *forced)
         score, look, look_len = _run(attention_pass, args, {"cfg": model.config, "method": pc}, timings)
-        return score, [r[:m].tolist() for r, m in zip(np.asarray(look), np.asarray(look_len))]
+        return score, [r[:m].tolist() for r, m in zip(to_host(look), to_host(look_len))]
     if pc.source == "surprisal":
         args = (model.params, batch.tokens, batch.lengths, KVCache.create(model.config, B, T))
         return _run(surprisal_pass, args, {"cfg": model.config, "chunk": math.gcd(T, 512)}, timings), None
@@ -221,7 +222,7 @@ def importance(model: Model, prompts: list[list[int]], pc: Method, *, stop_ids=(
         pc.check(model.config)
     batch = pad_prompts(prompts, PAD_ID)
     score, look = _evidence(batch, pc, model, stop_ids, {"draft": 0.0, "compile": 0.0}, lookahead)
-    return [row[: len(p)] for row, p in zip(np.asarray(score), prompts)], look
+    return [row[: len(p)] for row, p in zip(to_host(score), prompts)], look
 
 
 def compress(prompts: list[list[int]], pc: Method, *, draft: Model | None = None, stop_ids=()) -> Compressed:
@@ -253,7 +254,7 @@ def compress_budgets(prompts: list[list[int]], pcs: list[Method], *, draft: Mode
             continue
         timings = dict(shared)
         index, count = _run(select_tokens, (score, batch.lengths), {"method": pc}, timings)
-        kept = [r[:c].tolist() for r, c in zip(np.asarray(index), np.asarray(count))]
+        kept = [r[:c].tolist() for r, c in zip(to_host(index), to_host(count))]
         out.append(Compressed(pc, [[p[i] for i in k] for p, k in zip(prompts, kept)], kept, lengths, compressed,
                               lookahead, timings))
     return out
@@ -294,7 +295,7 @@ def _generate_at_positions(model: Model, c: Compressed, *, max_new_tokens, sampl
     t1 = time.perf_counter()
     prefill = (PREFILL_CLOCK.t or t1) - t0
     timings = {"load": model.load_seconds, "compile": compile_s, "prefill": prefill, "decode": t1 - t0 - prefill}
-    tokens, n_gen, reasons = np.asarray(out.tokens), np.asarray(out.num_generated), np.asarray(out.finish_reason)
+    tokens, n_gen, reasons = to_host(out.tokens), to_host(out.num_generated), to_host(out.finish_reason)
     tps = (int(n_gen.sum()) - B) / timings["decode"] if timings["decode"] > 0 else 0.0
     results = []
     for b in range(B):
