@@ -24,7 +24,9 @@ attends to (a) cache slots ``s < cache.length[b]`` whose stored position is ``>=
 query's position, and (b) the new tokens of this call: by default causally by position, or by the
 explicit ``mask_info[b, q, k]`` (tree attention for speculative verification). Valid new tokens must
 form a prefix of the ``T`` axis; they are written into the cache at ``cache.length[b]`` and the
-length advances by their count. Padding tokens are never written.
+length advances by their count. Padding tokens are never written. A causal prefill longer than
+``prefill_chunk`` (default ``PREFILL_CHUNK``) attends in chunks of query rows (``chunked_attention``):
+the same math, without the ``[T, T]`` scores.
 
 Sparse prefill. ``forward(..., sparse=VerticalSlash(...))`` (SpecKV's vertical-slash prefill, see
 ``models/sparse.py``) makes every layer score before it attends: the captured rows' fp32 softmax over all
@@ -46,8 +48,7 @@ from jax import lax
 
 from .config import ModelConfig, rope_inv_freq
 from .sparse import MASK_VALUE as _MASK_VALUE
-from .sparse import (VerticalSlash, blocked_attention, causal_rows, masked_attention, vertical_columns,
-                     vertical_slash_mask)
+from .sparse import VerticalSlash, blocked_attention, masked_attention, vertical_columns, vertical_slash_mask
 
 Params = dict[str, Any]
 
@@ -128,11 +129,83 @@ def _dense(cfg: ModelConfig, features: int, name: str, use_bias: bool = False):
     return Linear(features, use_bias=use_bias, dtype=cfg.jnp_dtype, param_dtype=cfg.jnp_param_dtype, name=name)
 
 
+PREFILL_CHUNK = 512  # query rows per step of a chunked prefill: forward's default ``prefill_chunk``
+
+
+def causal_mask(positions, query_positions):
+    """``[B, R, T]``: new key ``k`` is visible to a query at ``query_positions[b, r]`` iff it is a token
+    (``positions[b, k] >= 0``) at or before the query's position. A padding query (-1) sees no new key."""
+    return (positions[:, None, :] >= 0) & (positions[:, None, :] <= query_positions[:, :, None])
+
+
+def cache_visible(cache_pos, cache_len, query_positions):
+    """``[B, Hk, R, S]``: cache slot ``s`` is visible to a query at ``query_positions[b, r]`` iff it is in use
+    (``s < length``), holds an entry (stored position ``>= 0``) and that entry is not after the query."""
+    live = (jnp.arange(cache_pos.shape[-1]) < cache_len[:, None, None]) & (cache_pos >= 0)  # [B, Hk, S]
+    return live[:, :, None, :] & (cache_pos[:, :, None, :] <= query_positions[:, None, :, None])
+
+
+def attention_logits(q, kn, new_ok, cache, query_positions):
+    """Masked fp32 logits of the pre-scaled queries ``q [B, Hk, G, R, hd]`` against the new keys ``kn [B, Hk,
+    T, hd]`` under ``new_ok [B, R, T]``, and against the cache slots (``cache = (k, v, pos, length)``, or
+    ``None`` when the caller promised an empty cache: that ``R x S`` half of the work is skipped).
+    Returns ``(s_old or None, s_new, m)``, ``m`` the row max over both key sets."""
+    s_new = jnp.einsum("bhgtd,bhsd->bhgts", q, kn, preferred_element_type=jnp.float32)
+    s_new = jnp.where(new_ok[:, None, None], s_new, _MASK_VALUE)
+    if cache is None:
+        return None, s_new, s_new.max(-1, keepdims=True)
+    cache_k, _, cache_pos, cache_len = cache
+    s_old = jnp.einsum("bhgtd,bhsd->bhgts", q, cache_k.astype(q.dtype), preferred_element_type=jnp.float32)
+    s_old = jnp.where(cache_visible(cache_pos, cache_len, query_positions)[:, :, None], s_old, _MASK_VALUE)
+    return s_old, s_new, jnp.maximum(s_old.max(-1, keepdims=True), s_new.max(-1, keepdims=True))
+
+
+def attend(q, kn, vn, new_ok, cache, query_positions, dtype):
+    """Attention of ``q [B, Hk, G, R, hd]`` to the cache slots and the new keys: one fp32 softmax over both
+    key sets (see ``attention_logits``). Returns ``[B, Hk, G, R, hd]``."""
+    s_old, s_new, m = attention_logits(q, kn, new_ok, cache, query_positions)
+    p_new = jnp.exp(s_new - m)
+    out = jnp.einsum("bhgts,bhsd->bhgtd", p_new.astype(dtype), vn)
+    denom = p_new.sum(-1, keepdims=True)
+    if s_old is not None:
+        p_old = jnp.exp(s_old - m)
+        denom = denom + p_old.sum(-1, keepdims=True)
+        out = out + jnp.einsum("bhgts,bhsd->bhgtd", p_old.astype(dtype), cache[1].astype(dtype))
+    return out / denom.astype(out.dtype)
+
+
+def chunked_attention(q, kn, vn, positions, cache, chunk: int, dtype):
+    """``attend`` under the causal mask by position, at most ``chunk`` query rows at a time (``lax.map``), so
+    the fp32 scores are ``[B, Hk, G, chunk, S + T]`` per step instead of ``[B, Hk, G, T, S + T]`` (32K
+    tokens x 12 heads: 48 GiB) and no ``[T, T]`` mask exists. Each step's rows see the same keys under the
+    same mask as in the unchunked ``attend``: the same math, row by row. The ``n = ceil(T / chunk)`` chunks
+    are balanced (``ceil(T / n)`` rows each), so fewer than ``n`` query rows are padding (position -1: they
+    see no key, and are cut off)."""
+    B, Hk, G, T, hd = q.shape
+    n = -(-T // chunk)
+    c = -(-T // n)
+    pad = n * c - T
+    qs = jnp.pad(q, ((0, 0),) * 3 + ((0, pad), (0, 0))).reshape(B, Hk, G, n, c, hd)
+    ps = jnp.pad(positions, ((0, 0), (0, pad)), constant_values=-1).reshape(B, n, c)
+
+    def step(xs):
+        qc, pc = xs
+        return attend(qc, kn, vn, causal_mask(positions, pc), cache, pc, dtype)
+
+    out = lax.map(step, (jnp.moveaxis(qs, 3, 0), jnp.moveaxis(ps, 1, 0)))  # [n, B, Hk, G, c, hd]
+    return jnp.moveaxis(out, 0, 3).reshape(B, Hk, G, n * c, hd)[:, :, :, :T]
+
+
 class Attention(nn.Module):
+    """Self-attention of the ``T`` new tokens. ``chunk`` (static): attend ``chunk`` query rows at a time
+    (``chunked_attention``; causal prefill only, the new-token mask is then built per chunk from positions
+    and ``new_mask`` is ``None``), or all rows at once under ``new_mask [B, T, T]`` when ``None``."""
+
     cfg: ModelConfig
     capture: AttnCapture | None = None
     attend_cache: bool = True
     sparse: VerticalSlash | None = None
+    chunk: int | None = None
 
     @nn.compact
     def __call__(self, x, cos, sin, positions, new_mask, cache_k, cache_v, cache_pos, cache_len, cap_index, cap_weight,
@@ -156,43 +229,32 @@ class Attention(nn.Module):
         if self.sparse is not None:
             out, captured = self._sparse_prefill(qg, kn, vn, positions, cache_k.shape[2], cap_index, cap_weight,
                                                  sparse_rows, sparse_start)
-            out = _dense(cfg, cfg.hidden_size, "o_proj")(out.transpose(0, 3, 1, 2, 4).reshape(B, T, H * hd))
-            return out, kn, vn, captured
-
-        s_new = jnp.einsum("bhgtd,bhsd->bhgts", qg, kn, preferred_element_type=jnp.float32)
-        s_new = jnp.where(new_mask[:, None, None], s_new, _MASK_VALUE)
-        S = cache_k.shape[2]
-        if self.attend_cache:
-            s_old = jnp.einsum("bhgtd,bhsd->bhgts", qg, cache_k.astype(qg.dtype), preferred_element_type=jnp.float32)
-            slot = jnp.arange(S)
-            old_ok = (
-                (slot[None, None, :] < cache_len[:, None, None])  # [B,1,S]
-                & (cache_pos >= 0)  # [B,Hk,S]
-            )[:, :, None, :] & (cache_pos[:, :, None, :] <= positions[:, None, :, None])  # [B,Hk,T,S]
-            s_old = jnp.where(old_ok[:, :, None], s_old, _MASK_VALUE)
-            m = jnp.maximum(s_old.max(-1, keepdims=True), s_new.max(-1, keepdims=True))
-        else:  # the caller promises an empty cache (a fresh prefill): skip the T x S half of the work
-            s_old = jnp.full(s_new.shape[:-1] + (S,), _MASK_VALUE, jnp.float32)
-            m = s_new.max(-1, keepdims=True)
-        p_new = jnp.exp(s_new - m)
-        out = jnp.einsum("bhgts,bhsd->bhgtd", p_new.astype(cfg.jnp_dtype), vn)
-        denom = p_new.sum(-1, keepdims=True)
-        if self.attend_cache:
-            p_old = jnp.exp(s_old - m)
-            denom = denom + p_old.sum(-1, keepdims=True)
-            out = out + jnp.einsum("bhgts,bhsd->bhgtd", p_old.astype(cfg.jnp_dtype), cache_v.astype(cfg.jnp_dtype))
-        out = (out / denom.astype(out.dtype)).transpose(0, 3, 1, 2, 4).reshape(B, T, H * hd)
-        out = _dense(cfg, cfg.hidden_size, "o_proj")(out)
-        captured = None
-        if self.capture is not None:
-            captured = self._captured(s_old, s_new, m, denom, cap_index, cap_weight)
+        else:
+            cache = (cache_k, cache_v, cache_pos, cache_len) if self.attend_cache else None
+            if self.chunk is None:
+                out = attend(qg, kn, vn, new_mask, cache, positions, cfg.jnp_dtype)
+            else:
+                out = chunked_attention(qg, kn, vn, positions, cache, self.chunk, cfg.jnp_dtype)
+            captured = None
+            if self.capture is not None:
+                captured = self._captured(qg, kn, new_mask, cache, positions, cache_k.shape[2], cap_index,
+                                          cap_weight)
+        out = _dense(cfg, cfg.hidden_size, "o_proj")(out.transpose(0, 3, 1, 2, 4).reshape(B, T, H * hd))
         return out, kn, vn, captured
 
-    def _captured(self, s_old, s_new, m, denom, cap_index, cap_weight):
-        """Probabilities of the selected query rows, reduced as ``self.capture`` says."""
-        rows = lambda a: jnp.take_along_axis(a, cap_index[:, None, None, :, None], axis=3)  # noqa: E731
-        probs = jnp.concatenate([jnp.exp(rows(s_old) - rows(m)), jnp.exp(rows(s_new) - rows(m))], -1) / rows(denom)
-        return self._reduce_rows(probs, cap_weight)
+    def _captured(self, qg, kn, new_mask, cache, positions, S, cap_index, cap_weight):
+        """Probabilities of the selected query rows, reduced as ``self.capture`` says. The rows are scored
+        again on their own (``R`` rows against ``S + T`` keys, under the same masks as in ``attend``)
+        rather than read from the attention's scores: a chunked prefill never holds every row's scores."""
+        qc = jnp.take_along_axis(qg, cap_index[:, None, None, :, None], axis=3)  # [B, Hk, G, R, hd]
+        qpos = jnp.take_along_axis(positions, cap_index, axis=1)
+        new_ok = (causal_mask(positions, qpos) if new_mask is None
+                  else jnp.take_along_axis(new_mask, cap_index[:, :, None], axis=1))
+        s_old, s_new, m = attention_logits(qc, kn, new_ok, cache, qpos)
+        p_new = jnp.exp(s_new - m)
+        p_old = jnp.zeros(p_new.shape[:-1] + (S,), p_new.dtype) if s_old is None else jnp.exp(s_old - m)
+        probs = jnp.concatenate([p_old, p_new], -1)
+        return self._reduce_rows(probs / probs.sum(-1, keepdims=True), cap_weight)
 
     def _reduce_rows(self, probs, cap_weight):
         """``probs [B, Hk, G, rows, K]`` weighted and reduced over the group and the rows."""
@@ -213,17 +275,13 @@ class Attention(nn.Module):
         pre-``o_proj`` output ``[B, Hk, G, T, hd]`` and the captured scores with ``S`` (empty) cache slots
         first, the layout of the dense path."""
         sp, dtype = self.sparse, self.cfg.jnp_dtype
-        qc = jnp.take_along_axis(qg, cap_index[:, None, None, :, None], axis=3)  # [B, Hk, G, rows, hd]
-        s = jnp.einsum("bhgtd,bhsd->bhgts", qc, kn, preferred_element_type=jnp.float32)
-        s = jnp.where(causal_rows(positions, cap_index)[:, None, None], s, _MASK_VALUE)
-        p = jnp.exp(s - s.max(-1, keepdims=True))
-        scores = self._reduce_rows(p / p.sum(-1, keepdims=True), cap_weight)  # [B, Hk, T]
-        cols, valid = vertical_columns(scores, sparse_rows, sparse_start, sp)
+        captured = self._captured(qg, kn, None, None, positions, S, cap_index, cap_weight)  # [B, Hk, S + T]
+        cols, valid = vertical_columns(captured[..., S:], sparse_rows, sparse_start, sp)
         if sp.dense_reference:
             out = masked_attention(qg, kn, vn, vertical_slash_mask(positions, cols, valid, sp.window), dtype)
         else:
             out = blocked_attention(qg, kn, vn, positions, cols, valid, sp.window, sp.chunk, dtype)
-        return out, jnp.concatenate([jnp.zeros(scores.shape[:-1] + (S,), scores.dtype), scores], -1)
+        return out, captured
 
 
 class MLP(nn.Module):
@@ -244,6 +302,7 @@ class Block(nn.Module):
     capture: AttnCapture | None = None
     attend_cache: bool = True
     sparse: VerticalSlash | None = None
+    chunk: int | None = None
 
     @nn.compact
     def __call__(self, x, layer_cache, cos, sin, positions, new_mask, cache_len, cap_index, cap_weight, sparse_rows,
@@ -251,7 +310,8 @@ class Block(nn.Module):
         cfg = self.cfg
         ck, cv, cpos = layer_cache
         norm = functools.partial(RMSNorm, cfg.rms_norm_eps, cfg.jnp_dtype, cfg.jnp_param_dtype)
-        h, kn, vn, captured = Attention(cfg, self.capture, self.attend_cache, self.sparse, name="self_attn")(
+        attn = Attention(cfg, self.capture, self.attend_cache, self.sparse, self.chunk, name="self_attn")
+        h, kn, vn, captured = attn(
             norm(name="input_layernorm")(x), cos, sin, positions, new_mask, ck, cv, cpos, cache_len,
             cap_index, cap_weight, sparse_rows, sparse_start,
         )
@@ -266,6 +326,7 @@ class Transformer(nn.Module):
     scan: bool = True  # stacked layer weights + nn.scan; False: one weight set per layer, unrolled
     attend_cache: bool = True
     sparse: VerticalSlash | None = None
+    chunk: int | None = None  # Attention.chunk
 
     @nn.compact
     def __call__(self, tokens, positions, cache_k, cache_v, cache_pos, cache_len, new_mask, last_index,
@@ -286,13 +347,12 @@ class Transformer(nn.Module):
                 in_axes=(0,) + (nn.broadcast,) * len(shared),
                 length=cfg.num_layers,
             )
-            x, (new_k, new_v, captured) = Scan(cfg, self.capture, self.attend_cache, self.sparse, name="layers")(
-                x, (cache_k, cache_v, cache_pos), *shared
-            )
+            layers = Scan(cfg, self.capture, self.attend_cache, self.sparse, self.chunk, name="layers")
+            x, (new_k, new_v, captured) = layers(x, (cache_k, cache_v, cache_pos), *shared)
         else:
             outs = []
             for i in range(cfg.num_layers):
-                x, out = Block(cfg, self.capture, self.attend_cache, self.sparse, name=f"layers_{i}")(
+                x, out = Block(cfg, self.capture, self.attend_cache, self.sparse, self.chunk, name=f"layers_{i}")(
                     x, (cache_k[i], cache_v[i], cache_pos[i]), *shared
                 )
                 outs.append(out)
@@ -364,11 +424,6 @@ def stack_layers(params: Params) -> Params:
     return out
 
 
-def causal_mask(positions):
-    """[B, T, T]: new key k visible to new query q iff k is valid and pos_k <= pos_q."""
-    return (positions[:, None, :] >= 0) & (positions[:, None, :] <= positions[:, :, None])
-
-
 def matmul_precision(cfg: ModelConfig) -> str:
     """An fp32 model computes its matmuls in fp32: "highest", since XLA's default on GPUs (and TPUs) rounds
     fp32 operands to TF32/bf16 passes (1e-2 logit errors on an H100, against transformers' true fp32).
@@ -378,7 +433,8 @@ def matmul_precision(cfg: ModelConfig) -> str:
 
 def forward(params: Params, cfg: ModelConfig, tokens, positions, cache, *, mask_info=None, last_only=False,
             capture: AttnCapture | None = None, capture_index=None, capture_weight=None, empty_cache=False,
-            sparse: VerticalSlash | None = None, sparse_rows=None, sparse_start=None):
+            sparse: VerticalSlash | None = None, sparse_rows=None, sparse_start=None,
+            prefill_chunk: int = PREFILL_CHUNK):
     """Run the model over ``tokens [B, T]`` at ``positions [B, T]`` (``-1`` = padding).
 
     Returns ``(logits, new_cache, aux)``: logits are ``[B, T, V]``, or ``[B, V]`` for the last valid
@@ -392,12 +448,24 @@ def forward(params: Params, cfg: ModelConfig, tokens, positions, cache, *, mask_
     rows score each layer. ``sparse_rows [B]`` says which rows use the pattern (the others get its dense
     equivalent, exact for query positions ``<= window + vertical``); the vertical columns of row ``b`` are
     chosen among the keys ``[0, sparse_start[b])``.
+
+    ``prefill_chunk`` (static; 0: never): a causal forward (no ``mask_info``, not ``sparse``) of more than
+    ``prefill_chunk`` new tokens attends at most that many query rows at a time (``chunked_attention``), so
+    a long prefill holds ``[B, H, chunk, S + T]`` scores instead of ``[B, H, T, S + T]``; the math is the
+    same, row by row (captured rows included: ``Attention._captured`` scores them on their own). It is an
+    argument here, with the module default ``PREFILL_CHUNK``, rather than a ``ModelConfig`` field: it
+    changes memory and schedule, not the model, while the config is the model's identity (hashed as the
+    static argument of every jitted stage, serialised with converted checkpoints), so every pipeline
+    chunks long prefills without passing anything, and a test or benchmark picks the size per call.
     """
     positions = positions.astype(jnp.int32)
-    if sparse is not None:  # no [T, T] mask: the sparse layers mask by position, blockwise
+    T = positions.shape[1]
+    chunk = prefill_chunk if mask_info is None and sparse is None and 0 < prefill_chunk < T else None
+    if sparse is not None or chunk is not None:  # no [T, T] mask: these layers mask by position, blockwise
         new_mask = None
     else:
-        new_mask = causal_mask(positions) if mask_info is None else (mask_info & (positions[:, None, :] >= 0))
+        new_mask = (causal_mask(positions, positions) if mask_info is None
+                    else (mask_info & (positions[:, None, :] >= 0)))
     last_index = jnp.argmax(positions, axis=1) if last_only else None
     if (capture is None) != (capture_index is None):
         raise ValueError("capture and capture_index go together")
@@ -408,7 +476,7 @@ def forward(params: Params, cfg: ModelConfig, tokens, positions, cache, *, mask_
                          "sparse_start")
     with jax.default_matmul_precision(matmul_precision(cfg)):
         logits, new_k, new_v, captured = Transformer(cfg, capture, is_stacked(params), not empty_cache,
-                                                     sparse).apply(
+                                                     sparse, chunk).apply(
             {"params": params},
             tokens.astype(jnp.int32), positions, cache.k, cache.v, cache.pos, cache.length, new_mask, last_index,
             capture_index, capture_weight, sparse_rows, sparse_start,
