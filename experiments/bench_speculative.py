@@ -11,8 +11,9 @@ prompts. Greedy outputs are checked token-identical to AR (the lossless promise)
 ADED (``aded``; ``aded-intended``: the intended MCTS value; ``aded-noadapt``: no adaptive update) uses a
 tri-gram table built from the Python standard library's ``.py`` sources with the target's tokenizer, cached
 under ``~/.cache/jaxspec/trigram/`` (``$JAXSPEC_CACHE``) per model and Python version. Every (method, tree
-size) starts from the freshly loaded table and adapts it across the prompts (the compile run included), as
-the reference's Reader persists across an evaluation. ADED drafts on the host and reports its search time
+size) starts from the freshly loaded table and adapts it across the measured prompts, as the reference's
+Reader persists across an evaluation; the compile run's adaptation is rolled back (it decodes the first
+prompt, whose answer would otherwise be in the table before that prompt is measured). ADED drafts on the host and reports its search time
 per verification step (``drafting_ms_per_step``).
 """
 
@@ -63,7 +64,11 @@ def run_method(model, prompts, new_tokens, speculative=None, draft=None) -> dict
     import jaxspec
 
     kw = {"speculative": speculative, "draft": draft} if speculative else {}
+    table = getattr(speculative, "table", None)
+    saved = {k: dict(v) for k, v in table.overlay.items()} if table is not None else None
     jaxspec.generate(model, prompts[0], max_new_tokens=new_tokens, stop_ids=[], **kw)  # compile
+    if table is not None:
+        table.overlay = saved  # forget what the compile run taught the table
     tokens, decode_s, generated, accepted, forwards, drafting_s = [], 0.0, 0, [], 0, 0.0
     for p in prompts:
         r = jaxspec.generate(model, p, max_new_tokens=new_tokens, stop_ids=[], **kw)
