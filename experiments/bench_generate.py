@@ -47,6 +47,17 @@ def machine_info() -> dict:
     return info
 
 
+def emit(result: dict, out: str | None, stdout: bool = True) -> None:
+    """A benchmark's JSON: on stdout (for pipes and ``--json`` users) and, atomically, in ``out``."""
+    text = json.dumps(result, indent=2)
+    if stdout:
+        print(text)
+    if out:
+        tmp = Path(out).with_suffix(".tmp")
+        tmp.write_text(text)
+        os.replace(tmp, out)
+
+
 def _best_time(fn, repeats: int) -> float:
     fn()  # warm-up / compile
     best = float("inf")
@@ -260,12 +271,7 @@ def main(argv=None) -> dict:
         "runs": table,
         "ratios": {k: v for k, v in first.items() if k.endswith(("_vs_roofline", "_vs_transformers"))},
     }
-    text = json.dumps(result, indent=2)
-    print(text)
-    if args.out:
-        tmp = Path(args.out).with_suffix(".tmp")
-        tmp.write_text(text)
-        os.replace(tmp, args.out)
+    emit(result, args.out)
     print(markdown_table(result), file=sys.stderr)
     if args.check:
         drops = check_against(args.check, result)

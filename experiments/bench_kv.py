@@ -12,10 +12,7 @@ JSON object (``--out``). Targets (issue 4): SpecKV end-to-end <= 1.25x SnapKV; s
 from __future__ import annotations
 
 import argparse
-import json
-import os
 import time
-from pathlib import Path
 
 FILLER = ("The grass is green. The sky is blue. The sun is yellow. Here we go. There and back again. "
           "A river runs past the old mill, and the wheel turns slowly in the afternoon light. ")
@@ -70,7 +67,7 @@ def main(argv=None) -> dict:
     args = ap.parse_args(argv)
 
     import jaxspec
-    from experiments.bench_generate import machine_info
+    from experiments.bench_generate import emit, machine_info
     from jaxspec.kv import METHODS, make_method
 
     target = jaxspec.load(args.target, dtype=args.dtype, quiet=True)
@@ -104,10 +101,7 @@ def main(argv=None) -> dict:
                                "speckv_score_vs_prefill": by["speckv"]["score_vs_prefill"]})
     result = {"benchmark": "kv", "date": time.strftime("%Y-%m-%d %H:%M:%S"), "machine": machine_info(),
               "settings": vars(args), "rows": rows, "targets": checks}
-    if args.out:
-        tmp = Path(args.out).with_suffix(".tmp")
-        tmp.write_text(json.dumps(result, indent=2))
-        os.replace(tmp, args.out)
+    emit(result, args.out, stdout=False)
     return result
 
 

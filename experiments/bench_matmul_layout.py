@@ -10,7 +10,6 @@ times ``x[M, in] @ W[out, in]ᵀ`` (our stored layout) and ``x[M, in] @ W[in, ou
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 import time
 
@@ -37,7 +36,7 @@ def main(argv=None) -> dict:
     ap.add_argument("--out")
     args = ap.parse_args(argv)
 
-    from experiments.bench_generate import machine_info
+    from experiments.bench_generate import emit, machine_info
 
     out_dim, in_dim = args.shape
     w = np.random.default_rng(0).standard_normal((out_dim, in_dim), np.float32)
@@ -54,15 +53,7 @@ def main(argv=None) -> dict:
     result = {"benchmark": "matmul_layout", "date": time.strftime("%Y-%m-%d %H:%M:%S"),
               "command": "python -m experiments.bench_matmul_layout " + " ".join(argv if argv is not None else sys.argv[1:]),
               "machine": machine_info(), "weight_shape": [out_dim, in_dim], "results": rows}
-    text = json.dumps(result, indent=2)
-    print(text)
-    if args.out:
-        from pathlib import Path
-        import os
-
-        tmp = Path(args.out).with_suffix(".tmp")
-        tmp.write_text(text)
-        os.replace(tmp, args.out)
+    emit(result, args.out)
     return result
 
 

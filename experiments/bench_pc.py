@@ -13,10 +13,7 @@ the fastest run is kept. Prints one line per configuration and writes one JSON o
 from __future__ import annotations
 
 import argparse
-import json
-import os
 import time
-from pathlib import Path
 
 
 def prefill_s(target, ids, repeats: int) -> float:
@@ -41,7 +38,7 @@ def main(argv=None) -> dict:
     args = ap.parse_args(argv)
 
     import jaxspec
-    from experiments.bench_generate import machine_info
+    from experiments.bench_generate import emit, machine_info
     from experiments.bench_kv import ANSWER, needle_prompt
     from jaxspec.pc import METHODS, compress, make_method
 
@@ -68,10 +65,7 @@ def main(argv=None) -> dict:
                   f"net {r['net_s']:+7.3f}s needle {'yes' if r['needle_found'] else 'no'}", flush=True)
     result = {"benchmark": "pc", "date": time.strftime("%Y-%m-%d %H:%M:%S"), "machine": machine_info(),
               "settings": vars(args), "rows": rows}
-    if args.out:
-        tmp = Path(args.out).with_suffix(".tmp")
-        tmp.write_text(json.dumps(result, indent=2))
-        os.replace(tmp, args.out)
+    emit(result, args.out, stdout=False)
     return result
 
 

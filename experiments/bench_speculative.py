@@ -22,7 +22,6 @@ from __future__ import annotations
 import argparse
 import gzip
 import json
-import os
 import sys
 import time
 from pathlib import Path
@@ -103,7 +102,7 @@ def main(argv=None) -> dict:
     args = ap.parse_args(argv)
 
     import jaxspec
-    from experiments.bench_generate import machine_info
+    from experiments.bench_generate import emit, machine_info
     from jaxspec.drafters import make_drafter
 
     from jaxspec.drafters.trigram import TrigramTable
@@ -130,12 +129,7 @@ def main(argv=None) -> dict:
               "command": "python -m experiments.bench_speculative " + " ".join(argv if argv is not None else sys.argv[1:]),
               "machine": machine_info(), "settings": vars(args),
               **({"trigram_table": str(table)} if table else {}), "rows": rows}
-    text = json.dumps(result, indent=2)
-    print(text)
-    if args.out:
-        tmp = Path(args.out).with_suffix(".tmp")
-        tmp.write_text(text)
-        os.replace(tmp, args.out)
+    emit(result, args.out)
     lines = ["| method | tree | accepted/step | tokens/forward | decode tok/s | speedup vs AR | drafting ms/step "
              "| identical |", "|---|---:|---:|---:|---:|---:|---:|---|"]
     for r in rows:
