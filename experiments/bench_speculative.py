@@ -128,7 +128,7 @@ def main(argv=None) -> dict:
     result = {"benchmark": "speculative", "date": time.strftime("%Y-%m-%d %H:%M:%S"),
               "command": "python -m experiments.bench_speculative " + " ".join(argv if argv is not None else sys.argv[1:]),
               "machine": machine_info(), "settings": vars(args),
-              **({"trigram_table": str(table)} if table else {}), "rows": rows}
+              **({"trigram_table": table.name} if table else {}), "rows": rows}
     emit(result, args.out)
     lines = ["| method | tree | accepted/step | tokens/forward | decode tok/s | speedup vs AR | drafting ms/step "
              "| identical |", "|---|---:|---:|---:|---:|---:|---:|---|"]

@@ -242,7 +242,8 @@ def environment() -> dict:
             "git_commit": git("rev-parse", "HEAD"), "git_dirty": bool(git("status", "--porcelain")),
             "machine": {"node": platform.node(), "platform": platform.platform(), "processor": platform.processor(),
                         "cpus": os.cpu_count(), "python": sys.version.split()[0]},
-            "argv": sys.argv, "started": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
+            "argv": [os.path.relpath(sys.argv[0], REPO), *sys.argv[1:]] if sys.argv and sys.argv[0] else sys.argv,
+            "started": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
 
 
 def _resolve(value):
