@@ -59,6 +59,38 @@ def tiny_hf(tmp_path_factory):
     return get
 
 
+@pytest.fixture(scope="module")
+def qwen_with_eager_reference(tiny_hf):
+    """The tiny qwen2 model (4 query heads, 2 kv heads, 2 layers) loaded by jaxspec, and transformers' eager
+    copy of it, whose attention probabilities (``hf_attentions``) are the reference for KV and prompt selection."""
+    import torch
+    import transformers
+
+    import jaxspec
+
+    d, _ = tiny_hf("qwen2-bias")
+    ref = transformers.AutoModelForCausalLM.from_pretrained(d, attn_implementation="eager", dtype=torch.float32)
+    return jaxspec.load(d), ref
+
+
+@pytest.fixture(scope="module")
+def llama_same_vocabulary(tiny_hf):
+    """A tiny llama (llama3 rope, untied) with the qwen fixture's 101-id vocabulary: the other model of a pair."""
+    import jaxspec
+
+    d, _ = tiny_hf("llama-gqa4to2-untied-llama3rope")
+    return jaxspec.load(d)
+
+
+def hf_attentions(ref, ids):
+    """[L, Hq, N, N] attention probabilities of transformers model ``ref`` on one unpadded sequence."""
+    import numpy as np
+    import torch
+
+    with torch.no_grad():
+        return np.stack([a[0].numpy() for a in ref(torch.tensor([ids]), output_attentions=True).attentions])
+
+
 def shared_asset(rel: str) -> Path:
     p = SHARED_ASSETS / rel
     if not p.exists():

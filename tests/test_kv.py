@@ -9,10 +9,9 @@ import json
 import jax.numpy as jnp
 import numpy as np
 import pytest
-import torch
-import transformers
 
 import jaxspec
+from conftest import hf_attentions
 from jaxspec.api import COMPILED, InputError
 from jaxspec.cli import main
 from jaxspec.kv import (METHODS, AdaKV, H2O, PyramidKV, SnapKV, SpecKV, SpecKVOracle, StreamingLLM,
@@ -26,29 +25,19 @@ LENGTHS = (40, 12, 57)  # the middle row fits in the capacity
 
 
 @pytest.fixture(scope="module")
-def target(tiny_hf):
-    d, _ = tiny_hf("qwen2-bias")  # 4 query heads, 2 kv heads, 2 layers
-    ref = transformers.AutoModelForCausalLM.from_pretrained(d, attn_implementation="eager", dtype=torch.float32)
-    return jaxspec.load(d), ref
+def target(qwen_with_eager_reference):
+    return qwen_with_eager_reference
 
 
 @pytest.fixture(scope="module")
-def draft(tiny_hf):
-    d, _ = tiny_hf("llama-gqa4to2-untied-llama3rope")  # same 101-id vocabulary
-    return jaxspec.load(d)
+def draft(llama_same_vocabulary):
+    return llama_same_vocabulary
 
 
 @pytest.fixture(scope="module")
 def prompts():
     rng = np.random.default_rng(7)
     return [rng.integers(3, 101, n).tolist() for n in LENGTHS]
-
-
-def hf_attn(ref, ids):
-    """[L, Hq, N, N] attention probabilities of one unpadded sequence."""
-    with torch.no_grad():
-        out = ref(torch.tensor([ids]), output_attentions=True).attentions
-    return np.stack([a[0].numpy() for a in out])
 
 
 def grouped(a, hkv):
@@ -72,7 +61,7 @@ def kept(target, prompts, kv, draft=None, **kw):
 
 def snap_score(ref, ids, hkv, rows, cand, reduce):
     """Pooled window score [L, Hkv, cand]: probabilities of query ``rows``, reduced over group and rows."""
-    a = grouped(hf_attn(ref, ids)[:, :, rows, :cand], hkv)  # [L, Hkv, G, rows, cand]
+    a = grouped(hf_attentions(ref, ids)[:, :, rows, :cand], hkv)  # [L, Hkv, G, rows, cand]
     s = a.max((2, 3)) if reduce == "max" else a.mean((2, 3))
     return np_pool(s, K)
 
@@ -100,7 +89,7 @@ def test_h2o_keeps_the_heaviest_columns(target, prompts):
     _, got = kept(model, prompts, H2O(capacity=C, window_size=W))
 
     def expect(b, n, l, h):
-        s = grouped(hf_attn(ref, prompts[b]), model.config.num_kv_heads).sum(3).mean(2)  # column sums
+        s = grouped(hf_attentions(ref, prompts[b]), model.config.num_kv_heads).sum(3).mean(2)  # column sums
         return sorted(top(s[l, h, : n - W], C - W) + list(range(n - W, n)))
 
     check_rows(got, prompts, expect)

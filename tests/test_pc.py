@@ -8,9 +8,9 @@ import json
 import numpy as np
 import pytest
 import torch
-import transformers
 
 import jaxspec
+from conftest import hf_attentions
 from jaxspec.api import InputError
 from jaxspec.cli import main
 from jaxspec.kv import SpecKV
@@ -21,28 +21,19 @@ LENGTHS = (40, 12, 57)  # the middle row fits in the capacity
 
 
 @pytest.fixture(scope="module")
-def draft(tiny_hf):
-    d, _ = tiny_hf("qwen2-bias")  # 4 query heads, 2 kv heads, 2 layers
-    ref = transformers.AutoModelForCausalLM.from_pretrained(d, attn_implementation="eager", dtype=torch.float32)
-    return jaxspec.load(d), ref
+def draft(qwen_with_eager_reference):
+    return qwen_with_eager_reference
 
 
 @pytest.fixture(scope="module")
-def target(tiny_hf):
-    d, _ = tiny_hf("llama-gqa4to2-untied-llama3rope")  # same 101-id vocabulary
-    return jaxspec.load(d)
+def target(llama_same_vocabulary):
+    return llama_same_vocabulary
 
 
 @pytest.fixture(scope="module")
 def prompts():
     rng = np.random.default_rng(11)
     return [rng.integers(3, 101, n).tolist() for n in LENGTHS]
-
-
-def hf_attn(ref, ids):
-    """[L, Hq, N, N] attention probabilities of one unpadded sequence."""
-    with torch.no_grad():
-        return np.stack([a[0].numpy() for a in ref(torch.tensor([ids]), output_attentions=True).attentions])
 
 
 def hf_greedy(ref, ids, steps, stop=()):
@@ -63,7 +54,7 @@ def np_specpc(ref, ids, look, pc: SpecPC):
     n, Wn, Cn = len(ids), pc.window_size, pc.capacity
     if n <= Cn:
         return list(range(n))
-    A = hf_attn(ref, ids + look[:-1])  # the decode queries see the prompt and the earlier lookahead
+    A = hf_attentions(ref, ids + look[:-1])  # the decode queries see the prompt and the earlier lookahead
     red = np.max if pc.reduction_type == "max" else np.sum
     w = np.linspace(0, 1, Wn) if pc.weighted_query else np.ones(Wn)
     L0 = pc.starting_layer_index
@@ -89,7 +80,7 @@ def np_specprefill(ref, ids, look, pc: SpecPrefill):
     if n <= pc.capacity:
         return list(range(n))
     rows = [n - 1] + [n + t - 1 for t in range(1, len(look))]
-    a = hf_attn(ref, ids + look[:-1])[:, :, rows, :n]
+    a = hf_attentions(ref, ids + look[:-1])[:, :, rows, :n]
     s = (a / a.sum(-1, keepdims=True)).max((0, 1)).mean(0)
     c = pc.chunk_size
     chunk = [s[i: i + c].mean() for i in range(0, n, c)]
