@@ -91,6 +91,19 @@ def hf_attentions(ref, ids):
         return np.stack([a[0].numpy() for a in ref(torch.tensor([ids]), output_attentions=True).attentions])
 
 
+def jaxpr_shapes(jaxpr):
+    """Every intermediate's shape in ``jaxpr``, nested jaxprs (scan, map, pjit, cond branches) included: tests
+    use it to prove an array of some shape (a full attention matrix) is never built."""
+    for eqn in jaxpr.eqns:
+        for v in eqn.outvars:
+            yield v.aval.shape
+        for p in eqn.params.values():
+            for sub in p if isinstance(p, (tuple, list)) else (p,):
+                sub = getattr(sub, "jaxpr", sub)
+                if hasattr(sub, "eqns"):
+                    yield from jaxpr_shapes(sub)
+
+
 def shared_asset(rel: str) -> Path:
     p = SHARED_ASSETS / rel
     if not p.exists():

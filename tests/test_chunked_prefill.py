@@ -10,6 +10,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from conftest import jaxpr_shapes
 from jaxspec.cache import KVCache
 from jaxspec.generation import Sampling, decode_loop
 from jaxspec.models import AttnCapture, ModelConfig, forward, init_params
@@ -105,18 +106,6 @@ def test_greedy_continuation_is_identical(model):
     assert np.asarray(a).tolist() == np.asarray(b).tolist()
 
 
-def shapes(jaxpr):
-    """Every intermediate's shape, nested jaxprs (scan, map, pjit, cond branches) included."""
-    for eqn in jaxpr.eqns:
-        for v in eqn.outvars:
-            yield v.aval.shape
-        for p in eqn.params.values():
-            for sub in p if isinstance(p, (tuple, list)) else (p,):
-                sub = getattr(sub, "jaxpr", sub)
-                if hasattr(sub, "eqns"):
-                    yield from shapes(sub)
-
-
 @pytest.mark.parametrize("layout", ["stacked", "unstacked"])
 @pytest.mark.parametrize("empty_cache", [True, False])
 def test_chunked_prefill_never_spans_t_twice(model, layout, empty_cache):
@@ -132,7 +121,7 @@ def test_chunked_prefill_never_spans_t_twice(model, layout, empty_cache):
                            capture=AttnCapture(3), capture_index=jnp.asarray(ROWS), empty_cache=empty_cache,
                            prefill_chunk=chunk)
 
-        return max(sum(d >= Tl for d in s) for s in shapes(jax.make_jaxpr(f)(params[layout]).jaxpr))
+        return max(sum(d >= Tl for d in s) for s in jaxpr_shapes(jax.make_jaxpr(f)(params[layout]).jaxpr))
 
     assert widest(0) >= 2
     assert widest(32) == 1

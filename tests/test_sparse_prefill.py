@@ -12,6 +12,7 @@ import torch
 import transformers
 
 import jaxspec
+from conftest import jaxpr_shapes
 from jaxspec.cache import KVCache
 from jaxspec.kv import SpecKV, accounting, compress, decode
 from jaxspec.models import AttnCapture, forward
@@ -134,17 +135,6 @@ def test_covering_every_key_equals_the_dense_prefill(target):
                      VerticalSlash(P, 256, K, "max", chunk=128)), dense)
 
 
-def shapes(jaxpr):
-    for eqn in jaxpr.eqns:
-        for v in eqn.outvars:
-            yield v.aval.shape
-        for p in eqn.params.values():
-            for sub in p if isinstance(p, (tuple, list)) else (p,):
-                sub = getattr(sub, "jaxpr", sub)
-                if hasattr(sub, "eqns"):
-                    yield from shapes(sub)
-
-
 def test_blocked_prefill_never_builds_a_full_attention_matrix(target):
     model, _ = target
     T = 320
@@ -152,7 +142,7 @@ def test_blocked_prefill_never_builds_a_full_attention_matrix(target):
 
     def biggest(sparse):
         jaxpr = jax.make_jaxpr(lambda p: run_traced(p, sparse))(model.params).jaxpr
-        return max(s[-1] * s[-2] for s in shapes(jaxpr) if len(s) >= 2)
+        return max(s[-1] * s[-2] for s in jaxpr_shapes(jaxpr) if len(s) >= 2)
 
     def run_traced(params, sparse):
         tokens, positions, index, weight, start, rows = inputs
