@@ -255,16 +255,21 @@ def cmd_compress_prompt(args) -> int:
 
 
 def cmd_methods(args) -> int:
-    from jaxspec.kv import describe
+    from jaxspec import drafters, kv, pc
 
-    methods = describe()
+    sections = {"kv": ("KV-cache compression (--kv)", kv.describe()),
+                "pc": ("Prompt compression (--pc)", pc.describe()),
+                "speculative": ("Speculative decoding drafters (--speculative)", drafters.describe())}
     if args.json:
-        print(json.dumps(methods, indent=2))
+        print(json.dumps({key: methods for key, (_, methods) in sections.items()}, indent=2))
         return 0
-    for m in methods:
-        print(f"{m['name']:<14} {m['summary']}" + ("  [needs --draft]" if m["needs_draft"] else ""))
-        for k, v in m["params"].items():
-            print(f"    --{k.replace('_', '-'):<24} default {v}")
+    for title, methods in sections.values():
+        print(title)
+        for m in methods:
+            print(f"  {m['name']:<14} {m['summary']}" + ("  [needs --draft]" if m["needs_draft"] else ""))
+            for k, v in m["params"].items():
+                print(f"      {k:<24} default {v}")
+        print()
     return 0
 
 
@@ -398,7 +403,7 @@ def build_parser() -> argparse.ArgumentParser:
     tb.add_argument("--json", action="store_true", help="print one JSON summary: contexts, tokens, files, seconds")
     tb.set_defaults(func=cmd_trigram_build)
 
-    m = sub.add_parser("methods", help="list the KV-compression methods with their parameters and defaults")
+    m = sub.add_parser("methods", help="list the KV, prompt-compression and speculative methods with parameters")
     m.add_argument("--json", action="store_true")
     m.set_defaults(func=cmd_methods)
 

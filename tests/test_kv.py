@@ -265,8 +265,13 @@ def test_draft_errors(target, draft, prompts):
 
 def test_cli_methods_and_kv_json(target, tiny_hf, capsys):
     assert main(["methods", "--json"]) == 0
-    listed = {m["name"]: m for m in json.loads(capsys.readouterr().out)}
+    sections = json.loads(capsys.readouterr().out)
+    listed = {m["name"]: m for m in sections["kv"]}
     assert set(listed) == set(METHODS) and listed["speckv"]["params"]["kernel_size"] == 7
+    assert {m["name"] for m in sections["pc"]} == {"specpc", "specprefill", "draft-ppl", "recency", "random"}
+    drafters = {m["name"]: m for m in sections["speculative"]}
+    assert set(drafters) == {"aded", "ngram", "draft-model"} and drafters["aded"]["params"]["c1"] == 32.0
+    assert drafters["draft-model"]["needs_draft"] and "table" not in drafters["aded"]["params"]
     d, _ = tiny_hf("qwen2-bias")
     ids = ",".join(map(str, range(3, 43)))
     assert main(["generate", "--model", str(d), "--prompt-ids", ids, "--max-new-tokens", "4", "--stop-ids", "",

@@ -25,6 +25,8 @@ Protocol (see ``jaxspec.speculative`` for the loop that calls it):
 
 from __future__ import annotations
 
+import dataclasses
+
 import flax.struct
 import jax
 
@@ -72,4 +74,16 @@ def make_drafter(name: str, tree_size: int | None = None, **options):
     return registry[name](**options)
 
 
-__all__ = ["Proposal", "make_drafter"]
+def describe() -> list[dict]:
+    """Every drafter: name, summary, whether it needs ``--draft``, and its scalar options with defaults
+    (bound objects such as ADED's table or a draft model's config are left out: the CLI supplies them)."""
+    out = []
+    for name, cls in _registry().items():
+        params = {f.name: f.default for f in dataclasses.fields(cls)
+                  if isinstance(f.default, (bool, int, float, str))}
+        out.append({"name": name, "summary": cls.summary, "needs_draft": name == "draft-model",
+                    "params": params})
+    return out
+
+
+__all__ = ["Proposal", "describe", "make_drafter"]

@@ -45,6 +45,7 @@ from __future__ import annotations
 import dataclasses
 import math
 import time
+from typing import ClassVar
 
 import jax
 import jax.numpy as jnp
@@ -232,6 +233,8 @@ class ADED:
     another table is another compiled program (whose host callback reads that table). ``budget`` is the node
     cap below the root (``tree_size = budget + 1``); the other fields are the reference's defaults.
     """
+
+    summary: ClassVar[str] = "adaptive tri-gram table + MCTS draft tree (needs --trigram); budget = --tree-size - 1"
 
     table: TrigramTable
     iterations: int = 150

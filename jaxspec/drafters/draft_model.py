@@ -11,6 +11,7 @@ target), which is returned as ``q`` for lossless rejection sampling.
 from __future__ import annotations
 
 import dataclasses
+from typing import ClassVar
 
 import flax.struct
 import jax
@@ -35,6 +36,8 @@ class DraftState:
 @dataclasses.dataclass(frozen=True)
 class DraftModel:
     """Draft-model drafter: a chain of ``k`` tokens. ``cfg`` is bound by ``prepare`` from the draft model."""
+
+    summary: ClassVar[str] = "a smaller model of the same tokenizer drafts a chain of k tokens, its KV cache in sync"
 
     k: int = 4
     cfg: ModelConfig | None = None

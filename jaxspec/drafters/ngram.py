@@ -8,6 +8,7 @@ longest n that matched. The ``k`` tokens that followed the match (as many as the
 from __future__ import annotations
 
 import dataclasses
+from typing import ClassVar
 
 import jax.numpy as jnp
 
@@ -42,6 +43,8 @@ def ngram_match(hist, hist_len, k: int, min_n: int, max_n: int):
 @dataclasses.dataclass(frozen=True)
 class NGram:
     """Prompt-lookup drafter: a chain of up to ``k`` tokens, matching n-grams of ``min_n..max_n`` tokens."""
+
+    summary: ClassVar[str] = "prompt lookup: the longest n-gram match in prompt + output proposes a chain of k"
 
     k: int = 5
     max_n: int = 3
