@@ -1,10 +1,13 @@
-"""Small-M matmul against one weight matrix in both storage layouts, on this JAX build.
+"""Small-M matmul in both weight storage layouts, on this JAX build: one matrix, and a stack of decoder layers.
 
-    python -m experiments.bench_matmul_layout [--rows 1 2 5 9 16] [--shape 8960 1536] [--out run.json]
+    python -m experiments.bench_matmul_layout [--rows 1 2 5 9 16] [--shape 8960 1536] [--layers 4] [--out run.json]
 
 Decoding multiplies 1 activation row by every weight matrix; speculative verification multiplies 2–65 rows.
 Which layout XLA:CPU serves well differs between the two (docs/results.md, speculative decoding), so this
-times ``x[M, in] @ W[out, in]ᵀ`` (our stored layout) and ``x[M, in] @ W[in, out]`` for each M, best of 20.
+times ``x[M, in] @ W[out, in]ᵀ`` (our stored layout) and ``x[M, in] @ W[in, out]`` for each M, best of 20:
+first for one matrix (``--shape``), then for the seven projections of ``--layers`` decoder layers of the
+Qwen2.5-1.5B shape (``--hidden --intermediate --kv-dim``), chained as in a forward so that neither
+layout gets a cache advantage. The stack's figures are the ones that decide what a model step costs.
 """
 
 from __future__ import annotations
@@ -28,31 +31,74 @@ def best_seconds(fn, *args, repeats: int = 20) -> float:
     return best
 
 
+def _mm(stored_out_in: bool):
+    spec = "mi,oi->mo" if stored_out_in else "mi,io->mo"
+    return lambda a, w: jnp.einsum(spec, a, w, precision="highest")
+
+
+def layer_stack(x, layers, stored_out_in: bool):
+    """The projections of a decoder layer stack (attention reduced to its projections, MLP gated as in Llama)."""
+    mm = _mm(stored_out_in)
+    for w in layers:
+        q, k, v = mm(x, w["q"]), mm(x, w["k"]), mm(x, w["v"])
+        x = x + 1e-3 * mm(q, w["o"]) + 1e-6 * (k.sum() + v.sum())
+        x = x + 1e-3 * mm(jax.nn.silu(mm(x, w["gate"])) * mm(x, w["up"]), w["down"])
+    return x
+
+
 def main(argv=None) -> dict:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--rows", type=int, nargs="+", default=[1, 2, 5, 9, 16, 32])
     ap.add_argument("--shape", type=int, nargs=2, default=[8960, 1536], metavar=("OUT", "IN"),
-                    help="weight shape (default: Qwen2.5-1.5B's MLP up projection)")
+                    help="single weight shape (default: Qwen2.5-1.5B's MLP up projection)")
+    ap.add_argument("--layers", type=int, default=4, help="decoder layers in the stack (0: skip the stack)")
+    ap.add_argument("--hidden", type=int, default=1536)
+    ap.add_argument("--intermediate", type=int, default=8960)
+    ap.add_argument("--kv-dim", type=int, default=256, help="kv heads x head dim")
     ap.add_argument("--out")
     args = ap.parse_args(argv)
 
     from experiments.bench_generate import emit, machine_info
 
+    rng = np.random.default_rng(0)
     out_dim, in_dim = args.shape
-    w = np.random.default_rng(0).standard_normal((out_dim, in_dim), np.float32)
+    w = rng.standard_normal((out_dim, in_dim), np.float32)
     w_out_in, w_in_out = jnp.asarray(w), jnp.asarray(w.T.copy())
-    ours = jax.jit(lambda x, w: jnp.einsum("mi,oi->mo", x, w))
-    other = jax.jit(lambda x, w: x @ w)
+    ours, other = jax.jit(_mm(True)), jax.jit(_mm(False))
     rows = []
     for m in args.rows:
         x = jnp.ones((m, in_dim), jnp.float32)
         a, b = best_seconds(ours, x, w_out_in), best_seconds(other, x, w_in_out)
         rows.append({"rows": m, "out_in_ms": 1e3 * a, "in_out_ms": 1e3 * b,
                      "out_in_GBps": w.nbytes / a / 1e9, "in_out_GBps": w.nbytes / b / 1e9})
-        print(f"M={m:3d}  W[out,in]: {1e3 * a:6.2f} ms   W[in,out]: {1e3 * b:6.2f} ms", file=sys.stderr)
+        print(f"matrix M={m:3d}  W[out,in]: {1e3 * a:7.2f} ms   W[in,out]: {1e3 * b:7.2f} ms", file=sys.stderr)
+
+    stack = []
+    if args.layers:
+        h, f, kv = args.hidden, args.intermediate, args.kv_dim
+        shapes = {"q": (h, h), "k": (kv, h), "v": (kv, h), "o": (h, h), "gate": (f, h), "up": (f, h), "down": (h, f)}
+        out_in = [{n: (0.02 * rng.standard_normal(s, np.float32)) for n, s in shapes.items()} for _ in range(args.layers)]
+        in_out = [{n: jnp.asarray(a.T.copy()) for n, a in layer.items()} for layer in out_in]
+        out_in = jax.tree.map(jnp.asarray, out_in)
+        nbytes = sum(a.nbytes for layer in out_in for a in layer.values())
+        f_ours = jax.jit(lambda x, ws: layer_stack(x, ws, True))
+        f_other = jax.jit(lambda x, ws: layer_stack(x, ws, False))
+        base = None
+        for m in args.rows:
+            x = jnp.full((m, h), 0.1, jnp.float32)
+            a, b = best_seconds(f_ours, x, out_in), best_seconds(f_other, x, in_out)
+            base = base or {"out_in": a, "in_out": b}
+            stack.append({"rows": m, "out_in_ms": 1e3 * a, "in_out_ms": 1e3 * b,
+                          "out_in_vs_m1": a / base["out_in"], "in_out_vs_out_in_m1": b / base["out_in"],
+                          "out_in_GBps": nbytes / a / 1e9, "in_out_GBps": nbytes / b / 1e9})
+            print(f"stack  M={m:3d}  W[out,in]: {1e3 * a:7.2f} ms   W[in,out]: {1e3 * b:7.2f} ms   "
+                  f"(x {a / base['out_in']:.2f} / {b / base['out_in']:.2f} of [out,in] at M=1)", file=sys.stderr)
+
     result = {"benchmark": "matmul_layout", "date": time.strftime("%Y-%m-%d %H:%M:%S"),
               "command": "python -m experiments.bench_matmul_layout " + " ".join(argv if argv is not None else sys.argv[1:]),
-              "machine": machine_info(), "weight_shape": [out_dim, in_dim], "results": rows}
+              "machine": machine_info(), "weight_shape": [out_dim, in_dim], "results": rows,
+              "stack": {"layers": args.layers, "hidden": args.hidden, "intermediate": args.intermediate,
+                        "kv_dim": args.kv_dim, "results": stack}}
     emit(result, args.out)
     return result
 
