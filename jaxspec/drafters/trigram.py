@@ -189,7 +189,7 @@ def build_from_files(files: Sequence[str | os.PathLike], tokenizer, vocab_size: 
         ids = tokenizer.encode(text)
         if ids and max(ids) >= vocab_size:
             raise TrigramTableError(f"{path}: token id {max(ids)} outside the vocabulary ({vocab_size} ids)")
-        texts.append(ids)
+        texts.append(np.asarray(ids, np.int32))  # 4 bytes a token, not a Python int each (large corpora)
     table = TrigramTable.build(texts, vocab_size, top_k)
     summary = {"files": len(texts), "skipped": skipped, "tokens": sum(len(t) for t in texts),
                "contexts": int(table.keys.size), "seconds": time.perf_counter() - t0}
