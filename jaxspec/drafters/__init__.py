@@ -81,7 +81,7 @@ def describe() -> list[dict]:
     for name, cls in _registry().items():
         params = {f.name: f.default for f in dataclasses.fields(cls)
                   if isinstance(f.default, (bool, int, float, str))}
-        out.append({"name": name, "summary": cls.summary, "needs_draft": name == "draft-model",
+        out.append({"name": name, "summary": cls.summary, "needs_draft": cls.needs_draft,
                     "params": params})
     return out
 

@@ -235,6 +235,7 @@ class ADED:
     """
 
     summary: ClassVar[str] = "adaptive tri-gram table + MCTS draft tree (needs --trigram); budget = --tree-size - 1"
+    needs_draft: ClassVar[bool] = False  # does it take a draft model (--draft)?
 
     table: TrigramTable
     iterations: int = 150

@@ -38,6 +38,7 @@ class DraftModel:
     """Draft-model drafter: a chain of ``k`` tokens. ``cfg`` is bound by ``prepare`` from the draft model."""
 
     summary: ClassVar[str] = "a smaller model of the same tokenizer drafts a chain of k tokens, its KV cache in sync"
+    needs_draft: ClassVar[bool] = True  # does it take a draft model (--draft)?
 
     k: int = 4
     cfg: ModelConfig | None = None

@@ -45,6 +45,7 @@ class NGram:
     """Prompt-lookup drafter: a chain of up to ``k`` tokens, matching n-grams of ``min_n..max_n`` tokens."""
 
     summary: ClassVar[str] = "prompt lookup: the longest n-gram match in prompt + output proposes a chain of k"
+    needs_draft: ClassVar[bool] = False  # does it take a draft model (--draft)?
 
     k: int = 5
     max_n: int = 3
