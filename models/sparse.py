@@ -117,13 +117,31 @@ def vertical_slash_mask(positions, cols, valid, window: int):
     return causal[:, None] & (~left[None, None] | is_vertical[:, :, None, :])
 
 
+def group_scores(q, k):
+    """fp32 scores ``[B, Hk, G, R, S]`` of queries ``q [B, Hk, G, R, hd]`` against keys ``k [B, Hk, S, hd]``. The
+    ``G`` query heads of a kv head and their ``R`` rows are merged into one ``G * R`` row axis first (free:
+    contiguous): with two free lhs axes XLA:CPU copies a transposed ``[hd, S]`` version of the keys before every
+    dot — the whole cache, every layer, every decode step — while the merged dot reads them as stored."""
+    B, Hk, G, R, hd = q.shape
+    s = jnp.einsum("bhrd,bhsd->bhrs", q.reshape(B, Hk, G * R, hd), k, preferred_element_type=jnp.float32)
+    return s.reshape(B, Hk, G, R, k.shape[2])
+
+
+def group_values(p, v, preferred_element_type=None):
+    """``p [B, Hk, G, R, S]`` weights times values ``v [B, Hk, S, hd]`` -> ``[B, Hk, G, R, hd]``, rows merged as in
+    ``group_scores``."""
+    B, Hk, G, R, S = p.shape
+    out = jnp.einsum("bhrs,bhsd->bhrd", p.reshape(B, Hk, G * R, S), v, preferred_element_type=preferred_element_type)
+    return out.reshape(B, Hk, G, R, v.shape[-1])
+
+
 def masked_attention(qg, kn, vn, mask, dtype):
     """Dense attention of ``qg [B, Hkv, G, T, hd]`` (pre-scaled) to ``kn, vn [B, Hkv, T, hd]`` under a per
     kv-head ``mask [B, Hkv, T, T]``; fp32 softmax. Returns ``[B, Hkv, G, T, hd]``."""
-    s = jnp.einsum("bhgtd,bhsd->bhgts", qg, kn, preferred_element_type=jnp.float32)
+    s = group_scores(qg, kn)
     s = jnp.where(mask[:, :, None], s, MASK_VALUE)
     p = jnp.exp(s - s.max(-1, keepdims=True))
-    out = jnp.einsum("bhgts,bhsd->bhgtd", p.astype(dtype), vn)
+    out = group_values(p.astype(dtype), vn)
     return out / p.sum(-1, keepdims=True).astype(out.dtype)
 
 
@@ -163,14 +181,13 @@ def blocked_attention(qg, kn, vn, positions, cols, valid, window: int, chunk: in
                 & (kp[:, None, :] <= qp[:, :, None]))  # [B, c, window + c]
         vert = (vok[:, :, None, :] & (cols[:, :, None, :] < first[None, None, :, None])
                 & (vpos[:, :, None, :] <= qp[:, None, :, None]))  # [B, Hk, c, V]
-        sb = jnp.einsum("bhgtd,bhsd->bhgts", qc, kc, preferred_element_type=jnp.float32)
+        sb = group_scores(qc, kc)
         sb = jnp.where(band[:, None, None], sb, MASK_VALUE)
-        sv = jnp.einsum("bhgtd,bhvd->bhgtv", qc, vk, preferred_element_type=jnp.float32)
+        sv = group_scores(qc, vk)
         sv = jnp.where(vert[:, :, None], sv, MASK_VALUE)
         m = jnp.maximum(sb.max(-1, keepdims=True), sv.max(-1, keepdims=True))
         pb, pv = jnp.exp(sb - m), jnp.exp(sv - m)
-        out = (jnp.einsum("bhgts,bhsd->bhgtd", pb.astype(dtype), vc)
-               + jnp.einsum("bhgtv,bhvd->bhgtd", pv.astype(dtype), vv))
+        out = group_values(pb.astype(dtype), vc) + group_values(pv.astype(dtype), vv)
         return out / (pb.sum(-1, keepdims=True) + pv.sum(-1, keepdims=True)).astype(out.dtype)
 
     out = lax.map(step, jnp.arange(n_chunks))  # [n_chunks, B, Hk, G, c, hd]

@@ -50,7 +50,8 @@ from jax import lax
 
 from .config import ModelConfig, rope_inv_freq
 from .sparse import MASK_VALUE as _MASK_VALUE
-from .sparse import VerticalSlash, blocked_attention, masked_attention, vertical_columns, vertical_slash_mask
+from .sparse import (VerticalSlash, blocked_attention, group_scores, group_values, masked_attention, vertical_columns,
+                     vertical_slash_mask)
 
 Params = dict[str, Any]
 
@@ -147,17 +148,38 @@ def cache_visible(cache_pos, cache_len, query_positions):
     return live[:, :, None, :] & (cache_pos[:, :, None, :] <= query_positions[:, None, :, None])
 
 
+def write_layer(buf, layer, new, valid, start):
+    """``buf [L, B, Hk, S, ...]`` with layer ``layer`` (an int, a traced scalar under ``scan``, or None: every
+    layer alike) holding the new entries ``new [B, Hk, T, ...]`` of row ``b`` at slots ``[start[b], start[b] + T)``;
+    where ``valid [B, T]`` is False (padding) the old contents stay. Valid entries must be a prefix of ``T`` and
+    fit: the caller guarantees ``start + valid <= capacity`` (generation reports ``cache_full`` rather than
+    writing past it).
+
+    ``forward`` writes the positions of every layer first and each layer's keys and values just before that
+    layer reads its cache slots (masked to the old length, so the new entries are not counted twice): every
+    read of a buffer then follows the writes it sees, and XLA updates the buffers in place. Reading the old
+    slots first would make a decode loop copy the whole cache every step (a layer's write does not depend on
+    its own read)."""
+    L = buf.shape[0] if layer is None else 1
+    tail = (0,) * (new.ndim - 3)
+    keep = valid.reshape(valid.shape + (1,) * len(tail))[:, None, None]  # [B, 1, 1, T, ...]
+    for b in range(new.shape[0]):  # one in-place update per row (a vmap would move the batch axis: copies)
+        idx = (0 if layer is None else layer, b, 0, start[b]) + tail
+        old = lax.dynamic_slice(buf, idx, (L, 1) + new.shape[1:])
+        buf = lax.dynamic_update_slice(buf, jnp.where(keep[b], new[b][None, None].astype(buf.dtype), old), idx)
+    return buf
+
 def attention_logits(q, kn, new_ok, cache, query_positions):
     """Masked fp32 logits of the pre-scaled queries ``q [B, Hk, G, R, hd]`` against the new keys ``kn [B, Hk,
     T, hd]`` under ``new_ok [B, R, T]``, and against the cache slots (``cache = (k, v, pos, length)``, or
     ``None`` when the caller promised an empty cache: that ``R x S`` half of the work is skipped).
     Returns ``(s_old or None, s_new, m)``, ``m`` the row max over both key sets."""
-    s_new = jnp.einsum("bhgtd,bhsd->bhgts", q, kn, preferred_element_type=jnp.float32)
+    s_new = group_scores(q, kn)
     s_new = jnp.where(new_ok[:, None, None], s_new, _MASK_VALUE)
     if cache is None:
         return None, s_new, s_new.max(-1, keepdims=True)
     cache_k, _, cache_pos, cache_len = cache
-    s_old = jnp.einsum("bhgtd,bhsd->bhgts", q, cache_k.astype(q.dtype), preferred_element_type=jnp.float32)
+    s_old = group_scores(q, cache_k.astype(q.dtype))
     s_old = jnp.where(cache_visible(cache_pos, cache_len, query_positions)[:, :, None], s_old, _MASK_VALUE)
     return s_old, s_new, jnp.maximum(s_old.max(-1, keepdims=True), s_new.max(-1, keepdims=True))
 
@@ -167,12 +189,12 @@ def attend(q, kn, vn, new_ok, cache, query_positions, dtype):
     key sets (see ``attention_logits``). Returns ``[B, Hk, G, R, hd]``."""
     s_old, s_new, m = attention_logits(q, kn, new_ok, cache, query_positions)
     p_new = jnp.exp(s_new - m)
-    out = jnp.einsum("bhgts,bhsd->bhgtd", p_new.astype(dtype), vn)
+    out = group_values(p_new.astype(dtype), vn)
     denom = p_new.sum(-1, keepdims=True)
     if s_old is not None:
         p_old = jnp.exp(s_old - m)
         denom = denom + p_old.sum(-1, keepdims=True)
-        out = out + jnp.einsum("bhgts,bhsd->bhgtd", p_old.astype(dtype), cache[1].astype(dtype))
+        out = out + group_values(p_old.astype(dtype), cache[1].astype(dtype))
     return out / denom.astype(out.dtype)
 
 
@@ -205,27 +227,25 @@ def chunked_attention(q, kn, vn, positions, cache, chunk: int, dtype):
             acc = jnp.zeros((B, Hk, G, c, hd), jnp.float32)
         else:
             cache_k, cache_v, cache_pos, cache_len = cache
-            s = jnp.einsum("bhgtd,bhsd->bhgts", qc, cache_k.astype(qc.dtype), preferred_element_type=jnp.float32)
+            s = group_scores(qc, cache_k.astype(qc.dtype))
             s = jnp.where(cache_visible(cache_pos, cache_len, pc)[:, :, None], s, _MASK_VALUE)
             m = s.max(-1, keepdims=True)
             p = jnp.exp(s - m)
             l = p.sum(-1, keepdims=True)
-            acc = jnp.einsum("bhgts,bhsd->bhgtd", p.astype(dtype), cache_v.astype(dtype),
-                             preferred_element_type=jnp.float32)
+            acc = group_values(p.astype(dtype), cache_v.astype(dtype), jnp.float32)
 
         def block(j, carry):
             m, l, acc = carry
             kb = lax.dynamic_slice_in_dim(ks, j * c, c, axis=2)  # [B, Hk, c, hd]
             vb = lax.dynamic_slice_in_dim(vs, j * c, c, axis=2)
             kp = lax.dynamic_slice_in_dim(ps, j * c, c, axis=1)
-            s = jnp.einsum("bhgtd,bhsd->bhgts", qc, kb, preferred_element_type=jnp.float32)
+            s = group_scores(qc, kb)
             s = jnp.where(causal_mask(kp, pc)[:, None, None], s, _MASK_VALUE)
             m_new = jnp.maximum(m, s.max(-1, keepdims=True))
             p = jnp.exp(s - m_new)
             scale = jnp.exp(m - m_new)  # a row that saw only masked keys so far (m = MASK) restarts here
             return (m_new, l * scale + p.sum(-1, keepdims=True),
-                    acc * scale + jnp.einsum("bhgts,bhsd->bhgtd", p.astype(dtype), vb,
-                                             preferred_element_type=jnp.float32))
+                    acc * scale + group_values(p.astype(dtype), vb, jnp.float32))
 
         _, l, acc = lax.fori_loop(0, i + 1, block, (m, l, acc))
         return (acc / l).astype(dtype)
@@ -246,8 +266,12 @@ class Attention(nn.Module):
     chunk: int | None = None
 
     @nn.compact
-    def __call__(self, x, cos, sin, positions, new_mask, cache_k, cache_v, cache_pos, cache_len, cap_index, cap_weight,
+    def __call__(self, x, cos, sin, positions, new_mask, cache_all, layer, cache_len, cap_index, cap_weight,
                  sparse_rows, sparse_start):
+        """``cache_all = (k, v, pos)`` are the whole model's cache buffers, the new positions already in ``pos``;
+        this layer writes its new keys and values into layer ``layer`` (``write_layer``) and then attends to
+        that layer's slots below ``cache_len``. Returns the output, the updated buffers and the captured scores
+        (or None)."""
         cfg = self.cfg
         B, T, _ = x.shape
         H, Hk, hd, G = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim, cfg.group_size
@@ -264,6 +288,12 @@ class Attention(nn.Module):
         qg = q.reshape(B, T, Hk, G, hd).transpose(0, 2, 3, 1, 4) * jnp.asarray(hd**-0.5, q.dtype)
         kn = k.transpose(0, 2, 1, 3)
         vn = v.transpose(0, 2, 1, 3)
+        k_all, v_all, pos_all = cache_all
+        k_all, v_all = (write_layer(buf, layer, new, positions >= 0, cache_len) for buf, new in
+                        ((k_all, kn), (v_all, vn)))
+        cache_k, cache_v, cache_pos = (buf[layer] if isinstance(layer, int) else
+                                       lax.dynamic_index_in_dim(buf, layer, 0, keepdims=False)
+                                       for buf in (k_all, v_all, pos_all))
         if self.sparse is not None:
             out, captured = self._sparse_prefill(qg, kn, vn, positions, cache_k.shape[2], cap_index, cap_weight,
                                                  sparse_rows, sparse_start)
@@ -278,7 +308,7 @@ class Attention(nn.Module):
                 captured = self._captured(qg, kn, new_mask, cache, positions, cache_k.shape[2], cap_index,
                                           cap_weight)
         out = _dense(cfg, cfg.hidden_size, "o_proj")(out.transpose(0, 3, 1, 2, 4).reshape(B, T, H * hd))
-        return out, kn, vn, captured
+        return out, (k_all, v_all, pos_all), captured
 
     def _captured(self, qg, kn, new_mask, cache, positions, S, cap_index, cap_weight):
         """Probabilities of the selected query rows, reduced as ``self.capture`` says. The rows are scored
@@ -334,7 +364,8 @@ class MLP(nn.Module):
 
 
 class Block(nn.Module):
-    """One decoder layer; scanned over the stacked layer axis. carry = hidden state."""
+    """One decoder layer: ``carry = (hidden state, (k, v, pos) cache buffers of every layer)``, ``layer`` its index
+    (an int when unrolled, scanned over ``arange(L)`` under ``nn.scan``)."""
 
     cfg: ModelConfig
     capture: AttnCapture | None = None
@@ -343,19 +374,19 @@ class Block(nn.Module):
     chunk: int | None = None
 
     @nn.compact
-    def __call__(self, x, layer_cache, cos, sin, positions, new_mask, cache_len, cap_index, cap_weight, sparse_rows,
+    def __call__(self, carry, layer, cos, sin, positions, new_mask, cache_len, cap_index, cap_weight, sparse_rows,
                  sparse_start):
         cfg = self.cfg
-        ck, cv, cpos = layer_cache
+        x, cache_all = carry
         norm = functools.partial(RMSNorm, cfg.rms_norm_eps, cfg.jnp_dtype, cfg.jnp_param_dtype)
         attn = Attention(cfg, self.capture, self.attend_cache, self.sparse, self.chunk, name="self_attn")
-        h, kn, vn, captured = attn(
-            norm(name="input_layernorm")(x), cos, sin, positions, new_mask, ck, cv, cpos, cache_len,
+        h, cache_all, captured = attn(
+            norm(name="input_layernorm")(x), cos, sin, positions, new_mask, cache_all, layer, cache_len,
             cap_index, cap_weight, sparse_rows, sparse_start,
         )
         x = x + h
         x = x + MLP(cfg, name="mlp")(norm(name="post_attention_layernorm")(x))
-        return x, (kn, vn, captured)
+        return (x, cache_all), captured
 
 
 class Transformer(nn.Module):
@@ -377,6 +408,8 @@ class Transformer(nn.Module):
         x = embed(tokens)
         cos, sin = rope_tables(cfg, positions)
         shared = (cos, sin, positions, new_mask, cache_len, cap_index, cap_weight, sparse_rows, sparse_start)
+        new_pos = jnp.broadcast_to(positions[:, None], (positions.shape[0], cfg.num_kv_heads, positions.shape[1]))
+        carry = (x, (cache_k, cache_v, write_layer(cache_pos, None, new_pos, positions >= 0, cache_len)))
         if self.scan:
             Scan = nn.scan(
                 Block,
@@ -386,15 +419,15 @@ class Transformer(nn.Module):
                 length=cfg.num_layers,
             )
             layers = Scan(cfg, self.capture, self.attend_cache, self.sparse, self.chunk, name="layers")
-            x, (new_k, new_v, captured) = layers(x, (cache_k, cache_v, cache_pos), *shared)
+            (x, cache_all), captured = layers(carry, jnp.arange(cfg.num_layers), *shared)
         else:
-            outs = []
+            captures = []
             for i in range(cfg.num_layers):
-                x, out = Block(cfg, self.capture, self.attend_cache, self.sparse, self.chunk, name=f"layers_{i}")(
-                    x, (cache_k[i], cache_v[i], cache_pos[i]), *shared
-                )
-                outs.append(out)
-            new_k, new_v, captured = jax.tree.map(lambda *a: jnp.stack(a), *outs)
+                carry, cap = Block(cfg, self.capture, self.attend_cache, self.sparse, self.chunk,
+                                   name=f"layers_{i}")(carry, i, *shared)
+                captures.append(cap)
+            x, cache_all = carry
+            captured = None if self.capture is None else jnp.stack(captures)
         if last_index is not None:
             x = jnp.take_along_axis(x, last_index[:, None, None], axis=1)[:, 0]
         x = RMSNorm(cfg.rms_norm_eps, cfg.jnp_dtype, cfg.jnp_param_dtype, name="norm")(x)
@@ -402,7 +435,7 @@ class Transformer(nn.Module):
             logits = embed.attend(x)
         else:
             logits = _dense(cfg, cfg.vocab_size, "lm_head")(x)
-        return logits.astype(jnp.float32), new_k, new_v, captured
+        return logits.astype(jnp.float32), cache_all, captured
 
 
 def init_params(cfg: ModelConfig, rng=None, scale: float = 0.02) -> Params:
@@ -463,10 +496,12 @@ def stack_layers(params: Params) -> Params:
 
 
 def matmul_precision(cfg: ModelConfig) -> str:
-    """An fp32 model computes its matmuls in fp32: "highest", since XLA's default on GPUs (and TPUs) rounds
-    fp32 operands to TF32/bf16 passes (1e-2 logit errors on an H100, against transformers' true fp32).
-    On CPU both are plain fp32. Lower-precision models keep the backend's default."""
-    return "highest" if cfg.dtype == "float32" else "default"
+    """An fp32 model computes its matmuls in fp32: "highest" on GPUs and TPUs, whose default rounds fp32
+    operands to TF32/bf16 passes (1e-2 logit errors on an H100, against transformers' true fp32). On CPU the
+    default already is plain fp32 (same results), and "highest" would cost: XLA:CPU then hands the attention
+    score dot a transposed copy of every layer's cache keys each decode step. Lower-precision models keep the
+    backend's default."""
+    return "highest" if cfg.dtype == "float32" and jax.default_backend() != "cpu" else "default"
 
 
 def forward(params: Params, cfg: ModelConfig, tokens, positions, cache, *, mask_info=None, last_only=False,
@@ -513,14 +548,15 @@ def forward(params: Params, cfg: ModelConfig, tokens, positions, cache, *, mask_
         raise ValueError("sparse needs empty_cache, causal attention, a reducing capture, sparse_rows and "
                          "sparse_start")
     with jax.default_matmul_precision(matmul_precision(cfg)):
-        logits, new_k, new_v, captured = Transformer(cfg, capture, is_stacked(params), not empty_cache,
+        logits, (k, v, pos), captured = Transformer(cfg, capture, is_stacked(params), not empty_cache,
                                                      sparse, chunk).apply(
             {"params": params},
             tokens.astype(jnp.int32), positions, cache.k, cache.v, cache.pos, cache.length, new_mask, last_index,
             capture_index, capture_weight, sparse_rows, sparse_start,
         )
-    new_cache = cache.append(new_k, new_v, positions)
-    aux = {"num_new": (positions >= 0).sum(axis=1).astype(jnp.int32)}
+    num_new = (positions >= 0).sum(axis=1).astype(jnp.int32)
+    new_cache = cache.replace(k=k, v=v, pos=pos, length=cache.length + num_new)
+    aux = {"num_new": num_new}
     if capture is not None:
         aux["attn"] = captured
     return logits, new_cache, aux
