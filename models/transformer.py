@@ -313,7 +313,34 @@ class Attention(nn.Module):
     def _captured(self, qg, kn, new_mask, cache, positions, S, cap_index, cap_weight):
         """Probabilities of the selected query rows, reduced as ``self.capture`` says. The rows are scored
         again on their own (``R`` rows against ``S + T`` keys, under the same masks as in ``attend``)
-        rather than read from the attention's scores: a chunked prefill never holds every row's scores."""
+        rather than read from the attention's scores: a chunked prefill never holds every row's scores.
+        In a chunked prefill, more than ``chunk`` captured rows (H2O captures all ``T``) that are reduced over
+        the rows are scored ``chunk`` rows at a time and reduced as they go, so no ``[T, S + T]`` map exists:
+        each row's softmax is over all its keys either way, so this is exact."""
+        R = cap_index.shape[1]
+        if self.chunk is None or R <= self.chunk or self.capture.queries == "none":
+            p, l = self._row_probs(qg, kn, new_mask, cache, positions, S, cap_index)
+            return self._reduce_rows(p, l, cap_weight)
+        n = -(-R // self.chunk)
+        c = -(-R // n)  # balanced: every chunk holds real rows
+        pad = ((0, 0), (0, n * c - R))
+        index = jnp.pad(cap_index, pad)
+        weight = jnp.pad(jnp.ones(cap_index.shape, jnp.float32) if cap_weight is None else cap_weight, pad)
+        real = jnp.arange(n * c) < R
+        how = self.capture.queries
+
+        def step(i):
+            p, l = self._row_probs(qg, kn, new_mask, cache, positions, S,
+                                   lax.dynamic_slice_in_dim(index, i * c, c, axis=1))
+            return self._reduce_rows(p, l, lax.dynamic_slice_in_dim(weight, i * c, c, axis=1),
+                                     "max" if how == "max" else "sum", lax.dynamic_slice_in_dim(real, i * c, c))
+
+        parts = lax.map(step, jnp.arange(n))  # [n, B, Hk or H, S + T]
+        return parts.max(0) if how == "max" else parts.sum(0) / (R if how == "mean" else 1)
+
+    def _row_probs(self, qg, kn, new_mask, cache, positions, S, cap_index):
+        """The query rows ``cap_index [B, R]``'s fp32 softmax over the ``S + T`` keys, unnormalised: ``exp(s - m)
+        [B, Hk, G, R, S + T]`` and its row sums ``[B, Hk, G, R, 1]``."""
         qc = jnp.take_along_axis(qg, cap_index[:, None, None, :, None], axis=3)  # [B, Hk, G, R, hd]
         qpos = jnp.take_along_axis(positions, cap_index, axis=1)
         new_ok = (causal_mask(positions, qpos) if new_mask is None
@@ -321,19 +348,34 @@ class Attention(nn.Module):
         s_old, s_new, m = attention_logits(qc, kn, new_ok, cache, qpos)
         p_new = jnp.exp(s_new - m)
         p_old = jnp.zeros(p_new.shape[:-1] + (S,), p_new.dtype) if s_old is None else jnp.exp(s_old - m)
-        probs = jnp.concatenate([p_old, p_new], -1)
-        return self._reduce_rows(probs / probs.sum(-1, keepdims=True), cap_weight)
+        p = jnp.concatenate([p_old, p_new], -1)
+        return p, p.sum(-1, keepdims=True)
 
-    def _reduce_rows(self, probs, cap_weight):
-        """``probs [B, Hk, G, rows, K]`` weighted and reduced over the group and the rows."""
+    def _reduce_rows(self, p, l, cap_weight, queries: str | None = None, real=None):
+        """The probabilities ``p / l`` (``[B, Hk, G, rows, K]``, see ``_row_probs``), weighted by ``cap_weight [B,
+        rows]`` and reduced over the group and the rows (``queries``, default the capture's own); rows where
+        ``real [rows]`` is False are left out. Sums and means are one contraction of ``p`` with the rows'
+        coefficients ``weight / l`` (an elementwise pass and a reduction over ``[.., rows, K]`` cost XLA:CPU
+        several times more: it recomputes the fused softmax inside the reduction loops)."""
         cap = self.capture
-        if cap_weight is not None:
-            probs = probs * cap_weight[:, None, None, :, None]
-        B, Hk, G, Wq, K = probs.shape
+        queries = queries or cap.queries
+        B, Hk, G, Wq, K = p.shape
+        w = jnp.ones((B, Wq), jnp.float32) if cap_weight is None else cap_weight.astype(jnp.float32)
+        if real is not None:
+            w = jnp.where(real[None], w, 0.0)
+        if cap.group != "max" and queries in ("mean", "sum"):
+            coef = w[:, None, None, :] / l[..., 0]  # [B, Hk, G, rows]
+            coef = coef / ((G if cap.group == "mean" else 1) * (Wq if queries == "mean" else 1))
+            if cap.group == "none":
+                return jnp.einsum("bhgrk,bhgr->bhgk", p, coef, preferred_element_type=jnp.float32).reshape(B, Hk * G, K)
+            return jnp.einsum("bhgrk,bhgr->bhk", p, coef, preferred_element_type=jnp.float32)
+        probs = p / l * w[:, None, None, :, None]
+        if real is not None and queries == "max":
+            probs = jnp.where(real[None, None, None, :, None], probs, -jnp.inf)
         probs = _reduce(probs, cap.group, axis=2)
         if cap.group == "none":
             probs = probs.reshape(B, Hk * G, Wq, K)
-        return _reduce(probs, cap.queries, axis=2)
+        return _reduce(probs, queries, axis=2)
 
     def _sparse_prefill(self, qg, kn, vn, positions, S, cap_index, cap_weight, sparse_rows, sparse_start):
         """Score, then attend (SpecKV's layer). The captured rows' probabilities are a dense fp32 softmax over

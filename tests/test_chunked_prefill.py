@@ -87,6 +87,26 @@ def test_prefill_on_a_non_empty_cache_equals_unchunked(model, layout, capture):
     assert np.asarray(got[1].length).tolist() == [84, 63, 9]
 
 
+@pytest.mark.parametrize("capture", [AttnCapture(T, "mean", "sum"), AttnCapture(T, "max", "max"),
+                                     AttnCapture(T, "none", "mean")])
+def test_all_rows_capture_in_row_chunks_equals_unchunked(model, capture):
+    """H2O's capture (every query row, padding weighted 0) is reduced chunk by chunk in a chunked prefill."""
+    cfg, params = model
+    tokens, positions = batch(cfg, LENGTHS, T)
+    weight = jnp.asarray((np.asarray(positions) >= 0) * np.random.default_rng(4).uniform(0.5, 2, (3, T)), jnp.float32)
+
+    def captured(chunk):
+        _, _, aux = run(params["unstacked"], cfg, tokens, positions, KVCache.create(cfg, 3, 80), capture=capture,
+                        capture_index=jnp.broadcast_to(jnp.arange(T), (3, T)), capture_weight=weight,
+                        empty_cache=True, prefill_chunk=chunk)
+        return np.asarray(aux["attn"])
+
+    ref = captured(0)
+    assert np.isfinite(ref).all() and ref.max() > 0.1
+    for chunk in (16, 24):  # 4 x 16 rows; 3 x 22 rows, 2 of them padding
+        np.testing.assert_allclose(captured(chunk), ref, atol=1e-5, rtol=1e-4)  # other dot shapes: fp32 order
+
+
 def test_greedy_continuation_is_identical(model):
     """A prefill over the default ``PREFILL_CHUNK`` (chunked without being asked), then greedy decode."""
     cfg, params = model
@@ -126,8 +146,16 @@ def test_chunked_prefill_never_spans_t_twice(model, layout, empty_cache):
 
         return max(sum(d >= Tl for d in s) for s in jaxpr_shapes(jax.make_jaxpr(f)(params[layout]).jaxpr))
 
-    assert widest(0) >= 2
-    assert widest(32) == 1
+    def widest_all_rows(chunk):  # H2O: every row captured, summed over the rows
+        def f(p):
+            return forward(p, cfg, tokens, positions, KVCache.create(cfg, 3, 200), last_only=True,
+                           capture=AttnCapture(Tl, "mean", "sum"), capture_index=jnp.broadcast_to(jnp.arange(Tl), (3, Tl)),
+                           empty_cache=empty_cache, prefill_chunk=chunk)
+
+        return max(sum(d >= Tl for d in s) for s in jaxpr_shapes(jax.make_jaxpr(f)(params[layout]).jaxpr))
+
+    assert widest(0) >= 2 and widest_all_rows(0) >= 2
+    assert widest(32) == 1 and widest_all_rows(32) == 1
 
 
 def test_pruned_prompt_positions_with_gaps(model):
