@@ -151,23 +151,24 @@ def cache_visible(cache_pos, cache_len, query_positions):
 def write_layer(buf, layer, new, valid, start):
     """``buf [L, B, Hk, S, ...]`` with layer ``layer`` (an int, a traced scalar under ``scan``, or None: every
     layer alike) holding the new entries ``new [B, Hk, T, ...]`` of row ``b`` at slots ``[start[b], start[b] + T)``;
-    where ``valid [B, T]`` is False (padding) the old contents stay. Valid entries must be a prefix of ``T`` and
-    fit: the caller guarantees ``start + valid <= capacity`` (generation reports ``cache_full`` rather than
-    writing past it).
+    where ``valid [B, T]`` is False (padding) nothing is written. Valid entries must be a prefix of ``T``; the
+    caller guarantees ``start + valid <= capacity`` (generation reports ``cache_full`` rather than writing past
+    it), and an entry past the capacity would be dropped, never written over another slot.
 
     ``forward`` writes the positions of every layer first and each layer's keys and values just before that
     layer reads its cache slots (masked to the old length, so the new entries are not counted twice): every
     read of a buffer then follows the writes it sees, and XLA updates the buffers in place. Reading the old
     slots first would make a decode loop copy the whole cache every step (a layer's write does not depend on
     its own read)."""
-    L = buf.shape[0] if layer is None else 1
-    tail = (0,) * (new.ndim - 3)
-    keep = valid.reshape(valid.shape + (1,) * len(tail))[:, None, None]  # [B, 1, 1, T, ...]
-    for b in range(new.shape[0]):  # one in-place update per row (a vmap would move the batch axis: copies)
-        idx = (0 if layer is None else layer, b, 0, start[b]) + tail
-        old = lax.dynamic_slice(buf, idx, (L, 1) + new.shape[1:])
-        buf = lax.dynamic_update_slice(buf, jnp.where(keep[b], new[b][None, None].astype(buf.dtype), old), idx)
+    B, Hk, T = new.shape[:3]
+    slot = jnp.where(valid, start[:, None] + jnp.arange(T), buf.shape[3])  # padding: out of range, dropped
+    rows = (jnp.arange(B)[:, None, None], jnp.arange(Hk)[None, :, None], slot[:, None, :])  # [B, Hk, T] each
+    # one scatter for the whole batch (a loop of per-row updates compiles B x layers ops; a vmap of them moves
+    # the batch axis first, which makes XLA copy the buffer)
+    at = buf.at[(slice(None),) + rows] if layer is None else buf.at[(layer,) + rows]
+    buf = at.set(new.astype(buf.dtype), mode="drop", indices_are_sorted=True)
     return buf
+
 
 def attention_logits(q, kn, new_ok, cache, query_positions):
     """Masked fp32 logits of the pre-scaled queries ``q [B, Hk, G, R, hd]`` against the new keys ``kn [B, Hk,
