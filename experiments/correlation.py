@@ -25,14 +25,16 @@ forward, so no attention map is ever materialised. Scores are compared raw: pool
 agree by construction.
 
 Writes to ``--out`` (default ``runs/correlation``): ``prompts.jsonl`` (each prompt's figures as soon as they
-exist: a rerun with the same arguments resumes after the last finished prompt), ``correlation.json`` (settings, per-prompt and mean
-figures, overall and per dataset, environment: machine, jax, git commit, command) and ``correlation.png``
+exist: a rerun with the same arguments resumes after the last finished prompt), ``correlation.json``
+(settings, per-prompt and mean figures, overall and per dataset, environment: machine, jax, git commit,
+command) and ``correlation.png``
 (scatter plots of a sampled subset of points; skipped when matplotlib is missing).
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import json
 import sys
@@ -230,8 +232,7 @@ def correlate(target, draft, samples, settings: Settings = Settings(), *, progre
                 raise ValueError(f"{log} holds a run with other settings ({line['identity']}); use another --out")
             done[line["key"]] = line
     recs, points = [], {}
-    f = open(log, "a") if log is not None else None
-    try:
+    with open(log, "a") if log is not None else contextlib.nullcontext() as f:
         for i, sample in enumerate(tqdm(samples, unit="prompt", disable=not progress, dynamic_ncols=True)):
             key = json.dumps([i, sample.dataset, sample.task, sample.index, len(sample.ids)])
             if key in done:
@@ -245,9 +246,6 @@ def correlate(target, draft, samples, settings: Settings = Settings(), *, progre
                 px, py = points.setdefault(k, ([], []))
                 px.extend(x)
                 py.extend(y)
-    finally:
-        if f is not None:
-            f.close()
     datasets = sorted({r["dataset"] for r in recs})
     report = {"settings": dataclasses.asdict(settings), "prompts": recs, "mean": _mean(recs),
               "mean_by_dataset": {d: _mean([r for r in recs if r["dataset"] == d]) for d in datasets}}
