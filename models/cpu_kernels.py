@@ -1,0 +1,135 @@
+"""A small-M fp32 matmul for XLA:CPU, as an XLA FFI call (``rows_matmul.cc`` next to this file).
+
+XLA:CPU runs ``x[1, K] @ w[N, K].T`` as a mat-vec near the memory bandwidth, but 2-32 rows as a GEMM that
+packs weight panels and runs at a fraction of it: a 9-token speculative verification cost ~4 decode steps
+(docs/results.md, "Speculative decoding"). ``rows_matmul`` reads each weight row once for all rows of ``x``.
+``Linear`` and the tied-embedding logits use it on the CPU backend for fp32 operands of at most
+``ROWS_MAX`` rows; everything else (prefill, other backends, other dtypes) stays an XLA dot.
+
+The kernel is compiled on first use with the C++ compiler found (``$CXX``, else ``c++``/``g++``/``clang++``)
+against the running jaxlib's FFI headers, for this CPU (``-march=native``), into
+``$JAXSPEC_CACHE/kernels`` (default ``~/.cache/jaxspec/kernels``) under a name that hashes the source,
+jaxlib's version, the compiler and the CPU's flags, written atomically; later processes load it. Without a
+compiler, or if the build fails, models fall back to XLA's dot with one warning (the results are the same up
+to summation order). ``JAXSPEC_CPU_KERNELS=0`` turns the kernel off (read when a function is traced).
+"""
+
+from __future__ import annotations
+
+import ctypes
+import hashlib
+import math
+import os
+import platform
+import shutil
+import subprocess
+import tempfile
+import threading
+import warnings
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+
+ROWS_MAX = 32  # rows of x up to which the kernel beats XLA:CPU's GEMM (experiments/bench_matmul_layout.py)
+TARGET = "jaxspec_rows_matmul"
+SOURCE = Path(__file__).with_name("rows_matmul.cc")
+
+_lock = threading.Lock()
+_state: dict = {"loaded": None, "error": None}  # loaded: None = not tried, True/False after the first try
+
+
+def enabled() -> bool:
+    """The kernel is on unless ``JAXSPEC_CPU_KERNELS=0``."""
+    return os.environ.get("JAXSPEC_CPU_KERNELS", "1") != "0"
+
+
+def _compiler() -> str | None:
+    for name in filter(None, (os.environ.get("CXX"), "c++", "g++", "clang++")):
+        if shutil.which(name):
+            return name
+    return None
+
+
+def _cpu_flags() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith(("flags", "Features")):
+                return line
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def library_path(cxx: str) -> Path:
+    """Where the kernel built by ``cxx`` for this source, jaxlib and CPU lives."""
+    import jaxlib
+
+    version = subprocess.run([cxx, "--version"], capture_output=True, text=True).stdout.splitlines()[:1]
+    key = hashlib.sha256("\0".join([SOURCE.read_text(), jaxlib.__version__, *version, _cpu_flags()]).encode())
+    root = Path(os.environ.get("JAXSPEC_CACHE", "~/.cache/jaxspec")).expanduser() / "kernels"
+    return root / f"rows_matmul-{key.hexdigest()[:16]}.so"
+
+
+def build(cxx: str, out: Path) -> None:
+    """Compile the kernel into ``out`` (atomically: a temp file renamed). Raises ``RuntimeError`` with the
+    compiler's message on failure."""
+    out.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(suffix=".so", dir=out.parent)
+    os.close(fd)
+    base = [cxx, "-O3", "-std=c++17", "-shared", "-fPIC", "-w", f"-I{jax.ffi.include_dir()}", str(SOURCE),
+            "-o", tmp]
+    try:
+        for flags in (["-march=native"], []):  # -march=native is not known to every compiler/target
+            done = subprocess.run(base[:1] + flags + base[1:], capture_output=True, text=True)
+            if done.returncode == 0:
+                os.replace(tmp, out)
+                return
+        raise RuntimeError(f"{cxx} failed to build {SOURCE.name}:\n{done.stderr[-2000:]}")
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+
+
+def load() -> bool:
+    """Build (first time on this machine), load and register the kernel; False, with one warning, if that is
+    not possible."""
+    with _lock:
+        if _state["loaded"] is None:
+            try:
+                cxx = _compiler()
+                if cxx is None:
+                    raise RuntimeError("no C++ compiler found (set $CXX)")
+                path = library_path(cxx)
+                if not path.exists():
+                    build(cxx, path)
+                lib = ctypes.cdll.LoadLibrary(str(path))
+                jax.ffi.register_ffi_target(TARGET, jax.ffi.pycapsule(lib.jaxspec_rows_matmul), platform="cpu")
+                _state["loaded"] = True
+            except Exception as e:  # noqa: BLE001 - any failure means: use XLA's dot
+                _state.update(loaded=False, error=f"{type(e).__name__}: {e}")
+                warnings.warn(f"jaxspec's CPU small-row matmul kernel is unavailable, using XLA's dot "
+                              f"(slower speculative verification and batched decode): {_state['error']}",
+                              RuntimeWarning, stacklevel=3)
+        return _state["loaded"]
+
+
+def rows_matmul(x, w):
+    """``x[..., K] @ w[N, K].T`` in fp32 by the kernel (CPU backend; call ``load()`` first)."""
+    out = jax.ShapeDtypeStruct(x.shape[:-1] + (w.shape[0],), jnp.float32)
+    return jax.ffi.ffi_call(TARGET, out, vmap_method="sequential")(x, w)
+
+
+def use_kernel(x, w) -> bool:
+    """Whether ``project(x, w)`` takes the kernel: fp32 operands, at most ``ROWS_MAX`` rows, a 2-D weight, the
+    CPU backend, the kernel enabled and loadable."""
+    return (x.dtype == jnp.float32 and w.dtype == jnp.float32 and w.ndim == 2
+            and math.prod(x.shape[:-1]) <= ROWS_MAX and jax.default_backend() == "cpu" and enabled() and load())
+
+
+def project(x, w):
+    """``x[..., K] @ w[N, K].T``: the kernel where ``use_kernel`` says so, else an XLA dot."""
+    if use_kernel(x, w):
+        return rows_matmul(x, w)
+    return lax.dot_general(x, w, (((x.ndim - 1,), (1,)), ((), ())))
