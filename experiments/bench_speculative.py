@@ -119,27 +119,33 @@ def main(argv=None) -> dict:
     args = ap.parse_args(argv)
 
     import jaxspec
+    from tqdm.auto import tqdm
+
     from experiments.bench_generate import emit, machine_info
     from jaxspec.drafters import make_drafter
-
     from jaxspec.drafters.trigram import TrigramTable
 
     model = jaxspec.load(args.model, quiet=True)
     draft = jaxspec.load(args.draft, quiet=True) if "draft-model" in args.methods else None
     table = corpus_table(args.model, model, args.corpus) if set(args.methods) & set(ADED_VARIANTS) else None
     prompts = humaneval_prompts(args.problems)
+    runs = [(m, t) for m in args.methods if m != "ar" for t in args.tree_sizes]
+    bar = tqdm(total=1 + len(runs), unit="run", desc="ar", dynamic_ncols=True)
     ar = run_method(model, prompts, args.new_tokens)
+    bar.update()
     rows = [{"method": "ar", "tree_size": 1, **ar, "speedup": 1.0, "identical_to_ar": True}]
-    for method in (m for m in args.methods if m != "ar"):
-        for t in args.tree_sizes:
-            if method in ADED_VARIANTS:  # a fresh table: no adaptation carried over from another run
-                drafter = make_drafter("aded", tree_size=t, table=TrigramTable.load(table), **ADED_VARIANTS[method])
-            else:
-                drafter = make_drafter(method, tree_size=t)
-            r = run_method(model, prompts, args.new_tokens, drafter, draft)
-            rows.append({"method": method, "tree_size": t, **r,
-                         "speedup": r["decode_tokens_per_s"] / ar["decode_tokens_per_s"],
-                         "identical_to_ar": r["tokens"] == ar["tokens"]})
+    for method, t in runs:
+        bar.set_description(f"{method}, tree {t}")
+        if method in ADED_VARIANTS:  # a fresh table: no adaptation carried over from another run
+            drafter = make_drafter("aded", tree_size=t, table=TrigramTable.load(table), **ADED_VARIANTS[method])
+        else:
+            drafter = make_drafter(method, tree_size=t)
+        r = run_method(model, prompts, args.new_tokens, drafter, draft)
+        rows.append({"method": method, "tree_size": t, **r,
+                     "speedup": r["decode_tokens_per_s"] / ar["decode_tokens_per_s"],
+                     "identical_to_ar": r["tokens"] == ar["tokens"]})
+        bar.update()
+    bar.close()
     for r in rows:
         r.pop("tokens")
     result = {"benchmark": "speculative", "date": time.strftime("%Y-%m-%d %H:%M:%S"),

@@ -96,6 +96,7 @@ def test_resume_from_the_log_gives_the_same_report(pair, samples, tmp_path, monk
         correlate(target, draft, samples, SETTINGS, progress=False, log=log, identity={"target": "another"})
 
 
+@pytest.mark.slow  # the whole CLI on both prompt kinds (.ci/run runs it)
 @pytest.mark.skipif(not STORIES.exists(), reason=f"{STORIES} absent")
 def test_cli_on_the_prompt_mix(tmp_path, capsys):
     main(["--target", str(STORIES), "--draft", str(STORIES), "--prompts", "2", "--length", "384", "--no-chat",

@@ -66,6 +66,7 @@ def tiny_config(out: Path) -> dict:
     return cfg
 
 
+@pytest.mark.slow  # many compiles of a full runner grid (.ci/run runs it)
 @needs_stories
 def test_resume_after_kill(tmp_path, stories):
     cfg = tiny_config(tmp_path / "run")
@@ -233,6 +234,7 @@ KV_METHODS = [{"name": "snapkv", "params": {"window_size": 8}},
               {"name": "speckv", "params": {"window_size": 8, "lookahead_tokens": 4}}]
 
 
+@pytest.mark.slow  # many compiles of a full runner grid (.ci/run runs it)
 @needs_stories
 def test_kv_budgets_share_one_prefill_per_sample(tmp_path, stories, stage_calls):
     from jaxspec.kv import make_method
@@ -287,6 +289,7 @@ PC_METHODS = [
 ]
 
 
+@pytest.mark.slow  # many compiles of a full runner grid (.ci/run runs it)
 @needs_stories
 def test_pc_kind_end_to_end(tmp_path, stories, stage_calls):
     from jaxspec.kv import make_method as make_kv

@@ -198,12 +198,14 @@ def eight(tmp_path_factory):
     return json.loads((out / "results.json").read_text())
 
 
+@pytest.mark.slow  # the 8-device run takes ~3 min on 2 cores (.ci/run runs it)
 @pytest.mark.parametrize("method", METHODS)
 def test_kv_compression_and_speculative_decoding_sharded(eight, method):
     one_device, sharded = eight["methods"][method]
     assert sharded == one_device
 
 
+@pytest.mark.slow  # the 8-device run takes ~3 min on 2 cores (.ci/run runs it)
 @pytest.mark.parametrize("run", [" ".join(r) for r in RUNS])
 def test_meshes_generate_what_one_device_generates(eight, run):
     name = run.split()[0]
@@ -214,6 +216,7 @@ def test_meshes_generate_what_one_device_generates(eight, run):
     np.testing.assert_allclose(logits, want, atol=1e-5, rtol=0)
 
 
+@pytest.mark.slow  # the 8-device run takes ~3 min on 2 cores (.ci/run runs it)
 def test_params_and_cache_are_really_split(eight):
     runs = eight["runs"]
     specs = runs["wide data=1,model=8 unstacked hf"]["specs"]
@@ -229,6 +232,7 @@ def test_params_and_cache_are_really_split(eight):
         assert len(set(run["param_bytes"][0])) == len(set(run["kv_bytes"][0])) == 1
 
 
+@pytest.mark.slow  # the 8-device run takes ~3 min on 2 cores (.ci/run runs it)
 def test_qwen_like_two_kv_heads_on_model_4_replicate_kv_and_say_so(eight):
     run = eight["runs"]["qwen data=2,model=4 unstacked hf"]
     assert run["specs"]["layers_0/self_attn/k_proj/weight"] == [None, None]
@@ -239,6 +243,7 @@ def test_qwen_like_two_kv_heads_on_model_4_replicate_kv_and_say_so(eight):
     assert any(n.startswith("q_heads (6) does not divide over model=4") for n in run["notes"])
 
 
+@pytest.mark.slow  # the 8-device run takes ~3 min on 2 cores (.ci/run runs it)
 def test_planner_bytes_equal_the_allocated_shards(eight):
     for run in eight["runs"].values():
         (allocated, planned), (kv_allocated, kv_planned) = run["param_bytes"], run["kv_bytes"]
@@ -246,6 +251,7 @@ def test_planner_bytes_equal_the_allocated_shards(eight):
         assert kv_allocated[-1] == kv_planned
 
 
+@pytest.mark.slow  # the 8-device run takes ~3 min on 2 cores (.ci/run runs it)
 def test_mesh_axis_no_rule_uses_is_reported(eight):
     assert eight["idle_axis_notes"] == ["mesh axes tensor=4 are used by no sharding rule: everything is replicated "
                                         "over them"]
