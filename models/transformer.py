@@ -49,6 +49,7 @@ import jax.numpy as jnp
 from jax import lax
 
 from .config import ModelConfig, rope_inv_freq
+from . import cpu_kernels
 from .cpu_kernels import project
 from .sparse import MASK_VALUE as _MASK_VALUE
 from .sparse import (VerticalSlash, blocked_attention, group_scores, group_values, masked_attention, vertical_columns,
@@ -576,7 +577,22 @@ def forward(params: Params, cfg: ModelConfig, tokens, positions, cache, *, mask_
     changes memory and schedule, not the model, while the config is the model's identity (hashed as the
     static argument of every jitted stage, serialised with converted checkpoints), so every pipeline
     chunks long prefills without passing anything, and a test or benchmark picks the size per call.
+
+    ``forward`` is a ``jax.jit`` function (the static arguments above, plus whether the CPU kernels are on,
+    key its compilations): inside another jit it is inlined, and a direct call — a test, a notebook, a
+    benchmark step — runs one compiled program instead of dispatching every layer's operations one by one.
     """
+    return _forward(params, cfg, tokens, positions, cache, mask_info=mask_info, last_only=last_only,
+                    capture=capture, capture_index=capture_index, capture_weight=capture_weight,
+                    empty_cache=empty_cache, sparse=sparse, sparse_rows=sparse_rows, sparse_start=sparse_start,
+                    prefill_chunk=prefill_chunk, kernels=cpu_kernels.enabled())
+
+
+@functools.partial(jax.jit, static_argnames=("cfg", "last_only", "capture", "empty_cache", "sparse",
+                                             "prefill_chunk", "kernels"))
+def _forward(params, cfg, tokens, positions, cache, *, mask_info, last_only, capture, capture_index,
+             capture_weight, empty_cache, sparse, sparse_rows, sparse_start, prefill_chunk, kernels):
+    del kernels  # read by ``project`` while tracing; a static argument so that switching it recompiles
     positions = positions.astype(jnp.int32)
     T = positions.shape[1]
     chunk = prefill_chunk if mask_info is None and sparse is None and 0 < prefill_chunk < T else None

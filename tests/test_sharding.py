@@ -187,11 +187,17 @@ def _methods_worker(dirs: dict) -> dict:
             "aded": [plain, ids(aded)]}
 
 
+def _xla_flags(extra: str) -> str:
+    """This process's XLA flags (the suite's compile settings, see conftest) plus ``extra``, for a subprocess."""
+    return (os.environ.get("XLA_FLAGS", "") + " " + extra).strip()
+
+
 @pytest.fixture(scope="module")
 def eight(tmp_path_factory):
     """Run ``_eight_device_worker`` once in a subprocess with 8 host devices."""
     out = tmp_path_factory.mktemp("eight")
-    env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8", JAX_PLATFORMS="cpu")
+    env = dict(os.environ, XLA_FLAGS=_xla_flags("--xla_force_host_platform_device_count=8"),
+               JAX_PLATFORMS="cpu")
     proc = subprocess.run([sys.executable, __file__, "eight", str(out)], env=env, capture_output=True, text=True,
                           timeout=400)
     assert proc.returncode == 0, proc.stderr[-4000:]
@@ -397,7 +403,8 @@ def test_two_processes_generate_what_one_process_generates(tmp_path, extra):
     if kw:
         assert one.kv["compressed"]
     want = one.token_ids
-    env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=2", JAX_PLATFORMS="cpu")
+    env = dict(os.environ, XLA_FLAGS=_xla_flags("--xla_force_host_platform_device_count=2"),
+               JAX_PLATFORMS="cpu")
     port = _free_port()
     cmd = [sys.executable, "-m", "jaxspec.cli", "generate", "--model", str(d), "--prompt-ids",
            ",".join(map(str, prompt)), "--max-new-tokens", str(NEW), "--stop-ids=", "--json", "--mesh", "model=4",
