@@ -22,6 +22,7 @@ import jax.numpy as jnp
 from jax import lax
 
 from jaxspec.cache import KVCache
+from jaxspec.models.transformer import write_layer
 
 
 @flax.struct.dataclass
@@ -136,19 +137,19 @@ def compact(cache: KVCache, base, path, keep) -> KVCache:
     of the window ``[base, base + T)`` is invalidated (pos -1), and the length becomes ``base + keep``.
     ``keep = 0`` leaves a row as it was before the tree forward. The window must fit in the buffer.
     """
-    T = path.shape[1]
+    B, T = path.shape
     idx = jnp.arange(T)
+    kept = idx < keep[:, None]
+    slots = base[:, None] + jnp.where(kept, path, idx)  # [B, T]: where window slot d takes its entry from
 
-    def row(k, v, p, start, path, keep):  # k/v [L, Hk, S, hd], p [L, Hk, S]
-        L, Hk, _, hd = k.shape
-        kept = idx < keep
-        src = jnp.where(kept, path, idx)
-        wk = lax.dynamic_slice(k, (0, 0, start, 0), (L, Hk, T, hd))[:, :, src]
-        wv = lax.dynamic_slice(v, (0, 0, start, 0), (L, Hk, T, hd))[:, :, src]
-        wp = jnp.where(kept, lax.dynamic_slice(p, (0, 0, start), (L, Hk, T))[:, :, src], -1)
-        return (lax.dynamic_update_slice(k, wk, (0, 0, start, 0)), lax.dynamic_update_slice(v, wv, (0, 0, start, 0)),
-                lax.dynamic_update_slice(p, wp, (0, 0, start)))
+    def gather(buf):  # buf [L, B, Hk, S, ...] -> the window's new content [L, B, Hk, T, ...]
+        at = slots.reshape((1, B, 1, T) + (1,) * (buf.ndim - 4))
+        return jnp.take_along_axis(buf, at, axis=3)
 
-    k, v, p = jax.vmap(row, in_axes=(1, 1, 1, 0, 0, 0), out_axes=(1, 1, 1))(
-        cache.k, cache.v, cache.pos, base, path, keep)
+    # gathers of T slots, then one scatter per buffer (``write_layer``): XLA updates the cache in place. A
+    # per-row vmap of dynamic slices would move the batch axis first and copy the whole cache every step.
+    everywhere = jnp.ones((B, T), bool)
+    k = write_layer(cache.k, None, gather(cache.k), everywhere, base)
+    v = write_layer(cache.v, None, gather(cache.v), everywhere, base)
+    p = write_layer(cache.pos, None, jnp.where(kept[None, :, None, :], gather(cache.pos), -1), everywhere, base)
     return KVCache(k=k, v=v, pos=p, length=(base + keep).astype(jnp.int32))

@@ -154,7 +154,8 @@ def cache_visible(cache_pos, cache_len, query_positions):
 
 def write_layer(buf, layer, new, valid, start):
     """``buf [L, B, Hk, S, ...]`` with layer ``layer`` (an int, a traced scalar under ``scan``, or None: every
-    layer alike) holding the new entries ``new [B, Hk, T, ...]`` of row ``b`` at slots ``[start[b], start[b] + T)``;
+    layer, ``new`` then ``[L, B, Hk, T, ...]`` or, alike for all, ``[B, Hk, T, ...]``) holding the new entries
+    ``new [B, Hk, T, ...]`` of row ``b`` at slots ``[start[b], start[b] + T)``;
     where ``valid [B, T]`` is False (padding) nothing is written. Valid entries must be a prefix of ``T``; the
     caller guarantees ``start + valid <= capacity`` (generation reports ``cache_full`` rather than writing past
     it), and an entry past the capacity would be dropped, never written over another slot.
@@ -164,7 +165,7 @@ def write_layer(buf, layer, new, valid, start):
     read of a buffer then follows the writes it sees, and XLA updates the buffers in place. Reading the old
     slots first would make a decode loop copy the whole cache every step (a layer's write does not depend on
     its own read)."""
-    B, Hk, T = new.shape[:3]
+    (B, Hk), T = buf.shape[1:3], valid.shape[1]
     slot = jnp.where(valid, start[:, None] + jnp.arange(T), buf.shape[3])  # padding: out of range, dropped
     rows = (jnp.arange(B)[:, None, None], jnp.arange(Hk)[None, :, None], slot[:, None, :])  # [B, Hk, T] each
     # one scatter for the whole batch (a loop of per-row updates compiles B x layers ops; a vmap of them moves
