@@ -118,9 +118,9 @@ def pytest_configure(config):
     """Tiny-model runs compile with LLVM's optimisation level 0: the suite compiles hundreds of small
     programs, and XLA:CPU spends most of each compile in LLVM (a speculative loop of the 2-layer test model:
     6.7 s at the default level, 4.2 s at 0), while the programs run for milliseconds. Matmuls and the
-    custom kernel are library code either way, and XLA:CPU does not reassociate floating point at any
-    level, so results do not change beyond rounding noise that every tolerance here already allows. A run
-    that selects ``real`` tests (real weights, where run time dominates) keeps the default level."""
+    custom kernel are library code either way; the whole suite passes, with the same tolerances, at
+    both levels. A run that selects ``real`` tests (real weights, where run time dominates) keeps the
+    default level."""
     from _pytest.mark.expression import Expression
 
     markexpr = config.getoption("markexpr", "") or ""
