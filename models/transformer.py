@@ -153,9 +153,9 @@ def cache_visible(cache_pos, cache_len, query_positions):
 
 
 def write_layer(buf, layer, new, valid, start):
-    """``buf [L, B, Hk, S, ...]`` with layer ``layer`` (an int, a traced scalar under ``scan``, or None: every
-    layer, ``new`` then ``[L, B, Hk, T, ...]`` or, alike for all, ``[B, Hk, T, ...]``) holding the new entries
-    ``new [B, Hk, T, ...]`` of row ``b`` at slots ``[start[b], start[b] + T)``;
+    """``buf [L, B, Hk, S, ...]`` with layer ``layer`` (an int, or a traced scalar under ``scan``) holding the
+    new entries ``new [B, Hk, T, ...]`` of row ``b`` at slots ``[start[b], start[b] + T)``; ``layer=None`` writes
+    every layer, with ``new [L, B, Hk, T, ...]`` (or ``[B, Hk, T, ...]``, the same for all layers);
     where ``valid [B, T]`` is False (padding) nothing is written. Valid entries must be a prefix of ``T``; the
     caller guarantees ``start + valid <= capacity`` (generation reports ``cache_full`` rather than writing past
     it), and an entry past the capacity would be dropped, never written over another slot.
