@@ -18,9 +18,11 @@ demo: $(STAMP)
 	$(BIN)/jaxspec generate --model qwen2.5-coder-0.5b-instruct --chat --max-new-tokens 96 \
 		--prompt "Write a Python function that checks whether a number is prime."
 
-# The default suite (tiny random models and ../shared/assets; no downloads).
+# The default suite (tiny random models and ../shared/assets; no downloads). Its time is mostly XLA compiles,
+# one core each, so it runs one worker per core (pytest-xdist), a test module per worker (modules share
+# compiled programs).
 test: $(STAMP)
-	$(BIN)/python -m pytest -q --durations=15
+	$(BIN)/python -m pytest -q --durations=15 -n auto --dist loadfile
 
 # Real-weight tests (fetch the registry models on first use) and slow tests; .ci/run runs both suites.
 test-real: $(STAMP)
