@@ -1,4 +1,5 @@
-"""A small-M fp32 matmul for XLA:CPU, as an XLA FFI call (``rows_matmul.cc`` next to this file).
+"""CPU kernels for XLA:CPU, as XLA FFI calls (``rows_matmul.cc`` next to this file): a small-M fp32 matmul
+and the decode attention's reads of the KV cache.
 
 XLA:CPU runs ``x[1, K] @ w[N, K].T`` as a mat-vec near the memory bandwidth, but 2-32 rows as a GEMM that
 packs weight panels and runs at a fraction of it: a 9-token speculative verification cost ~4 decode steps
@@ -6,12 +7,18 @@ packs weight panels and runs at a fraction of it: a 9-token speculative verifica
 ``Linear`` and the tied-embedding logits use it on the CPU backend for fp32 operands of at most
 ``ROWS_MAX`` rows; everything else (prefill, other backends, other dtypes) stays an XLA dot.
 
-The kernel is compiled on first use with the C++ compiler found (``$CXX``, else ``c++``/``g++``/``clang++``)
+Decode attention against a long cache is the same small-row shape (a kv group's query heads x new tokens
+against ``S`` cached keys of ``head_dim`` floats), which XLA:CPU's dots read at ~2 GB/s. ``cache_scores`` and
+``cache_values`` compute it from the whole-model cache buffer and a layer index (a layer sliced out for a
+custom call would be copied); ``models.transformer.attend`` uses them for fp32 caches and at most
+``ATTN_ROWS_MAX`` query rows a kv group.
+
+The kernels are compiled on first use with the C++ compiler found (``$CXX``, else ``c++``/``g++``/``clang++``)
 against the running jaxlib's FFI headers, for this CPU (``-march=native``), into
 ``$JAXSPEC_CACHE/kernels`` (default ``~/.cache/jaxspec/kernels``) under a name that hashes the source,
 jaxlib's version, the compiler and the CPU's flags, written atomically; later processes load it. Without a
-compiler, or if the build fails, models fall back to XLA's dot with one warning (the results are the same up
-to summation order). ``JAXSPEC_CPU_KERNELS=0`` turns the kernel off (read when a function is traced).
+compiler, or if the build fails, models fall back to XLA's dots with one warning (the results are the same up
+to summation order). ``JAXSPEC_CPU_KERNELS=0`` turns the kernels off (read when a function is traced).
 """
 
 from __future__ import annotations
@@ -33,7 +40,9 @@ import jax.numpy as jnp
 from jax import lax
 
 ROWS_MAX = 32  # rows of x up to which the kernel beats XLA:CPU's GEMM (experiments/bench_matmul_layout.py)
+ATTN_ROWS_MAX = 64  # query rows (a kv group's heads x new tokens) up to which the cache-attention kernels run
 TARGET = "jaxspec_rows_matmul"
+SCORES, VALUES = "jaxspec_cache_scores", "jaxspec_cache_values"
 SOURCE = Path(__file__).with_name("rows_matmul.cc")
 
 _lock = threading.Lock()
@@ -105,12 +114,13 @@ def load() -> bool:
                 if not path.exists():
                     build(cxx, path)
                 lib = ctypes.cdll.LoadLibrary(str(path))
-                jax.ffi.register_ffi_target(TARGET, jax.ffi.pycapsule(lib.jaxspec_rows_matmul), platform="cpu")
+                for name in (TARGET, SCORES, VALUES):
+                    jax.ffi.register_ffi_target(name, jax.ffi.pycapsule(getattr(lib, name)), platform="cpu")
                 _state["loaded"] = True
             except Exception as e:  # noqa: BLE001 - any failure means: use XLA's dot
                 _state.update(loaded=False, error=f"{type(e).__name__}: {e}")
-                warnings.warn(f"jaxspec's CPU small-row matmul kernel is unavailable, using XLA's dot "
-                              f"(slower speculative verification and batched decode): {_state['error']}",
+                warnings.warn(f"jaxspec's CPU kernels are unavailable, using XLA's dots (slower speculative "
+                              f"verification, batched and long-context decode): {_state['error']}",
                               RuntimeWarning, stacklevel=3)
         return _state["loaded"]
 
@@ -133,3 +143,25 @@ def project(x, w):
     if use_kernel(x, w):
         return rows_matmul(x, w)
     return lax.dot_general(x, w, (((x.ndim - 1,), (1,)), ((), ())))
+
+
+def cache_scores(q, k, at):
+    """``q [P, M, D]`` against the keys of block ``at`` of a cache buffer ``k [..., P, S, D]`` -> fp32 ``[P, M,
+    S]`` (CPU backend; call ``load()`` first). The buffer is read in place: no slice of it is copied."""
+    out = jax.ShapeDtypeStruct(q.shape[:2] + (k.shape[-2],), jnp.float32)
+    return jax.ffi.ffi_call(SCORES, out, vmap_method="sequential")(q, k, jnp.asarray(at, jnp.int32))
+
+
+def cache_values(w, v, at):
+    """Weights ``w [P, M, S]`` times the values of block ``at`` of a cache buffer ``v [..., P, S, D]`` -> fp32
+    ``[P, M, D]``, read in place as in ``cache_scores``."""
+    out = jax.ShapeDtypeStruct(w.shape[:2] + (v.shape[-1],), jnp.float32)
+    return jax.ffi.ffi_call(VALUES, out, vmap_method="sequential")(w, v, jnp.asarray(at, jnp.int32))
+
+
+def use_cache_kernels(rows: int, *operands) -> bool:
+    """Whether decode attention of ``rows`` query rows a kv group reads the cache through ``cache_scores`` and
+    ``cache_values``: fp32 ``operands``, at most ``ATTN_ROWS_MAX`` rows, the CPU backend, the kernels enabled
+    and loadable."""
+    return (all(x.dtype == jnp.float32 for x in operands) and rows <= ATTN_ROWS_MAX
+            and jax.default_backend() == "cpu" and enabled() and load())

@@ -41,7 +41,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-from typing import Any
+from typing import Any, NamedTuple
 
 import flax.linen as nn
 import jax
@@ -175,22 +175,65 @@ def write_layer(buf, layer, new, valid, start):
     return buf
 
 
-def attention_logits(q, kn, new_ok, cache, query_positions):
+class LayerCache(NamedTuple):
+    """One layer's view of the cache for attention: its slots ``k, v [B, Hk, S, hd]``, ``pos [B, Hk, S]``,
+    ``length [B]``, and the whole-model buffers ``k_all, v_all [L, B, Hk, S, hd]`` with the layer's index
+    ``layer``, which the CPU decode-attention kernels read in place (``cache_scores``, ``cache_values``)."""
+
+    k: jax.Array
+    v: jax.Array
+    pos: jax.Array
+    length: jax.Array
+    k_all: jax.Array
+    v_all: jax.Array
+    layer: jax.Array | int
+
+
+def _merged_buffers(cache: LayerCache, rows: int, operand):
+    """The whole-model K and V buffers with batch and kv heads merged (``[L, B * Hk, S, hd]``, a free
+    reshape) for the CPU kernels, or None where they do not apply to ``rows`` query rows a kv group and the
+    fp32 ``operand`` (``cpu_kernels.use_cache_kernels``)."""
+    if cache.k_all.ndim != 5 or not cpu_kernels.use_cache_kernels(rows, operand, cache.k_all, cache.v_all):
+        return None
+    L, B, Hk, S, hd = cache.k_all.shape
+    return cache.k_all.reshape(L, B * Hk, S, hd), cache.v_all.reshape(L, B * Hk, S, hd)
+
+
+def cache_scores(q, cache: LayerCache):
+    """fp32 scores ``[B, Hk, G, R, S]`` of ``q [B, Hk, G, R, hd]`` against the layer's cache slots."""
+    B, Hk, G, R, hd = q.shape
+    bufs = _merged_buffers(cache, G * R, q)
+    if bufs is None:
+        return group_scores(q, cache.k.astype(q.dtype))
+    s = cpu_kernels.cache_scores(q.reshape(B * Hk, G * R, hd), bufs[0], cache.layer)
+    return s.reshape(B, Hk, G, R, cache.k.shape[2])
+
+
+def cache_values(p, cache: LayerCache, dtype, preferred_element_type=None):
+    """``p [B, Hk, G, R, S]`` (fp32) times the layer's cached values -> ``[B, Hk, G, R, hd]``."""
+    B, Hk, G, R, S = p.shape
+    bufs = _merged_buffers(cache, G * R, p)
+    if bufs is None:
+        return group_values(p.astype(dtype), cache.v.astype(dtype), preferred_element_type)
+    out = cpu_kernels.cache_values(p.reshape(B * Hk, G * R, S), bufs[1], cache.layer)
+    return out.reshape(B, Hk, G, R, cache.v.shape[-1]).astype(preferred_element_type or dtype)
+
+
+def attention_logits(q, kn, new_ok, cache: LayerCache | None, query_positions):
     """Masked fp32 logits of the pre-scaled queries ``q [B, Hk, G, R, hd]`` against the new keys ``kn [B, Hk,
-    T, hd]`` under ``new_ok [B, R, T]``, and against the cache slots (``cache = (k, v, pos, length)``, or
-    ``None`` when the caller promised an empty cache: that ``R x S`` half of the work is skipped).
+    T, hd]`` under ``new_ok [B, R, T]``, and against the cache slots (a ``LayerCache``, or ``None`` when the
+    caller promised an empty cache: that ``R x S`` half of the work is skipped).
     Returns ``(s_old or None, s_new, m)``, ``m`` the row max over both key sets."""
     s_new = group_scores(q, kn)
     s_new = jnp.where(new_ok[:, None, None], s_new, _MASK_VALUE)
     if cache is None:
         return None, s_new, s_new.max(-1, keepdims=True)
-    cache_k, _, cache_pos, cache_len = cache
-    s_old = group_scores(q, cache_k.astype(q.dtype))
-    s_old = jnp.where(cache_visible(cache_pos, cache_len, query_positions)[:, :, None], s_old, _MASK_VALUE)
+    s_old = cache_scores(q, cache)
+    s_old = jnp.where(cache_visible(cache.pos, cache.length, query_positions)[:, :, None], s_old, _MASK_VALUE)
     return s_old, s_new, jnp.maximum(s_old.max(-1, keepdims=True), s_new.max(-1, keepdims=True))
 
 
-def attend(q, kn, vn, new_ok, cache, query_positions, dtype):
+def attend(q, kn, vn, new_ok, cache: LayerCache | None, query_positions, dtype):
     """Attention of ``q [B, Hk, G, R, hd]`` to the cache slots and the new keys: one fp32 softmax over both
     key sets (see ``attention_logits``). Returns ``[B, Hk, G, R, hd]``."""
     s_old, s_new, m = attention_logits(q, kn, new_ok, cache, query_positions)
@@ -200,7 +243,7 @@ def attend(q, kn, vn, new_ok, cache, query_positions, dtype):
     if s_old is not None:
         p_old = jnp.exp(s_old - m)
         denom = denom + p_old.sum(-1, keepdims=True)
-        out = out + group_values(p_old.astype(dtype), cache[1].astype(dtype))
+        out = out + cache_values(p_old, cache, dtype).astype(out.dtype)
     return out / denom.astype(out.dtype)
 
 
@@ -232,13 +275,12 @@ def chunked_attention(q, kn, vn, positions, cache, chunk: int, dtype):
             l = jnp.zeros((B, Hk, G, c, 1), jnp.float32)
             acc = jnp.zeros((B, Hk, G, c, hd), jnp.float32)
         else:
-            cache_k, cache_v, cache_pos, cache_len = cache
-            s = group_scores(qc, cache_k.astype(qc.dtype))
-            s = jnp.where(cache_visible(cache_pos, cache_len, pc)[:, :, None], s, _MASK_VALUE)
+            s = cache_scores(qc, cache)
+            s = jnp.where(cache_visible(cache.pos, cache.length, pc)[:, :, None], s, _MASK_VALUE)
             m = s.max(-1, keepdims=True)
             p = jnp.exp(s - m)
             l = p.sum(-1, keepdims=True)
-            acc = group_values(p.astype(dtype), cache_v.astype(dtype), jnp.float32)
+            acc = cache_values(p, cache, dtype, jnp.float32)
 
         def block(j, carry):
             m, l, acc = carry
@@ -304,7 +346,8 @@ class Attention(nn.Module):
             out, captured = self._sparse_prefill(qg, kn, vn, positions, cache_k.shape[2], cap_index, cap_weight,
                                                  sparse_rows, sparse_start)
         else:
-            cache = (cache_k, cache_v, cache_pos, cache_len) if self.attend_cache else None
+            cache = (LayerCache(cache_k, cache_v, cache_pos, cache_len, k_all, v_all, layer) if self.attend_cache
+                     else None)
             if self.chunk is None:
                 out = attend(qg, kn, vn, new_mask, cache, positions, cfg.jnp_dtype)
             else:
