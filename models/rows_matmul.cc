@@ -23,6 +23,7 @@
 #include <functional>
 #include <memory>
 #include <thread>
+#include <type_traits>
 
 #include "xla/ffi/api/ffi.h"
 
@@ -64,18 +65,24 @@ inline void block(const float* x, const float* w, float* y, int64_t K, int64_t N
   }
 }
 
-template <int NB>
-void all_rows(const float* x, const float* w, float* y, int64_t M, int64_t K, int64_t N, int64_t n0) {
+// f(m0, std::integral_constant<int, MB>()) for the row blocks of M rows: kCols at a time, then the rest.
+template <class F>
+inline void row_blocks(int64_t M, F f) {
   int64_t m = 0;
-  for (; m + kCols <= M; m += kCols) block<kCols, NB>(x, w, y, K, N, m, n0);
+  for (; m + kCols <= M; m += kCols) f(m, std::integral_constant<int, kCols>());
   switch (M - m) {
-    case 1: block<1, NB>(x, w, y, K, N, m, n0); break;
-    case 2: block<2, NB>(x, w, y, K, N, m, n0); break;
-    case 3: block<3, NB>(x, w, y, K, N, m, n0); break;
-    case 4: block<4, NB>(x, w, y, K, N, m, n0); break;
-    case 5: block<5, NB>(x, w, y, K, N, m, n0); break;
+    case 1: f(m, std::integral_constant<int, 1>()); break;
+    case 2: f(m, std::integral_constant<int, 2>()); break;
+    case 3: f(m, std::integral_constant<int, 3>()); break;
+    case 4: f(m, std::integral_constant<int, 4>()); break;
+    case 5: f(m, std::integral_constant<int, 5>()); break;
     default: break;
   }
+}
+
+template <int NB>
+void all_rows(const float* x, const float* w, float* y, int64_t M, int64_t K, int64_t N, int64_t n0) {
+  row_blocks(M, [&](int64_t m, auto mb) { block<decltype(mb)::value, NB>(x, w, y, K, N, m, n0); });
 }
 
 void weight_rows(const float* x, const float* w, float* y, int64_t M, int64_t K, int64_t N, int64_t lo,
@@ -253,16 +260,7 @@ inline void value_block(const float* w, const float* v, float* y, int64_t S, int
 
 template <int DB>
 void value_rows(const float* w, const float* v, float* y, int64_t M, int64_t S, int64_t D, int64_t d0) {
-  int64_t m = 0;
-  for (; m + kCols <= M; m += kCols) value_block<kCols, DB>(w, v, y, S, D, m, d0);
-  switch (M - m) {
-    case 1: value_block<1, DB>(w, v, y, S, D, m, d0); break;
-    case 2: value_block<2, DB>(w, v, y, S, D, m, d0); break;
-    case 3: value_block<3, DB>(w, v, y, S, D, m, d0); break;
-    case 4: value_block<4, DB>(w, v, y, S, D, m, d0); break;
-    case 5: value_block<5, DB>(w, v, y, S, D, m, d0); break;
-    default: break;
-  }
+  row_blocks(M, [&](int64_t m, auto mb) { value_block<decltype(mb)::value, DB>(w, v, y, S, D, m, d0); });
 }
 
 ffi::Error CacheValues(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> w, ffi::Buffer<ffi::F32> v,
