@@ -32,6 +32,9 @@ Without ``kind``: ``full`` for ``full``, ``kv`` for a ``jaxspec.kv`` method name
 ``drafter``. Budgets come from the method's own ``budgets`` or the config's; methods without a budget run once
 (budget null). Per sample, a method's missing budgets run as one sweep (one shared prefill or scoring pass);
 records are still written one per budget, so a run killed inside a sweep resumes with the budgets left.
+KV methods of one sample also share target prefills with the methods run just before them where the prefill
+is the same program on the same input (``jaxspec.kv.pipeline.SharedPrefills``): SnapKV, PyramidKV and AdaKV
+listed in a row prefill once a sample.
 
 Not shared: the draft passes of different methods of one sample (SpecKV's lookahead of ``max_new_tokens``
 tokens and SpecPC's attention pass over the prompt with its 1 or 20 tokens are different programs; only
@@ -149,7 +152,7 @@ def _capacity(budget) -> dict:
 def _full(spec, target, draft):
     import jaxspec
 
-    return lambda ids, n, budgets: [jaxspec.generate(target, ids, max_new_tokens=n)]
+    return lambda ids, n, budgets, shared: [jaxspec.generate(target, ids, max_new_tokens=n)]
 
 
 def _kv(spec, target, draft):
@@ -158,11 +161,11 @@ def _kv(spec, target, draft):
     from jaxspec.kv import make_method
     from jaxspec.kv.pipeline import generate_budgets
 
-    def run(ids, n, budgets):
+    def run(ids, n, budgets, shared):
         methods = [make_method(spec["method"], **spec["params"], **_capacity(b)) for b in budgets]
         req = prepare_request(target, ids, n, False, None, None)  # the stop ids jaxspec.generate uses
         sweep = generate_budgets(target, req.ids, methods, draft=draft if methods[0].needs_draft else None,
-                                 max_new_tokens=n, sampling=Sampling.make(), stop_ids=req.stop_ids)
+                                 max_new_tokens=n, sampling=Sampling.make(), stop_ids=req.stop_ids, shared=shared)
         return [results[0] for results in sweep]
 
     return run
@@ -173,7 +176,7 @@ def _pc(spec, target, draft):
     from jaxspec.pc import make_method as make_pc
     from jaxspec.pc.pipeline import generate_budgets
 
-    def run(ids, n, budgets):
+    def run(ids, n, budgets, shared):
         if spec["budget_of"] == "kv":
             pcs = [make_pc(spec["method"], **spec["params"])]
             kv = [make_kv(spec["kv"], **spec["kv_params"], **_capacity(b)) for b in budgets]
@@ -191,18 +194,19 @@ def _drafter(spec, target, draft):
     from jaxspec.speculative import generate_speculative
 
     drafter = make_drafter(spec["method"], **spec["params"])
-    return lambda ids, n, budgets: [generate_speculative(target, ids, drafter, draft_model=draft, max_new_tokens=n)]
+    return lambda ids, n, budgets, shared: [generate_speculative(target, ids, drafter, draft_model=draft, max_new_tokens=n)]
 
 
-# kind -> (builder(spec, target, draft) -> run(ids, max_new_tokens, budgets) -> [GenerationResult per budget],
-#          takes budgets)
+# kind -> (builder(spec, target, draft) -> run(ids, max_new_tokens, budgets, shared) -> [GenerationResult per
+#          budget], takes budgets); ``shared``: the sample's ``SharedPrefills`` (kv methods reuse target prefills)
 KINDS: dict[str, tuple[Callable, bool]] = {"full": (_full, False), "kv": (_kv, True), "pc": (_pc, True),
                                            "drafter": (_drafter, False)}
 
 
 def method_runner(spec: dict, target, draft):
-    """``run(ids, max_new_tokens, budgets) -> [GenerationResult per budget]`` for a normalised method entry;
-    the budgets of one call share what their method allows (a prefill, a draft scoring pass)."""
+    """``run(ids, max_new_tokens, budgets, shared) -> [GenerationResult per budget]`` for a normalised method
+    entry; the budgets of one call share what their method allows (a prefill, a draft scoring pass), and kv
+    methods share target prefills through ``shared`` (a ``SharedPrefills`` kept for one sample)."""
     return KINDS[spec["kind"]][0](spec, target, draft)
 
 
@@ -293,6 +297,7 @@ def run(cfg: dict, *, on_record: Callable[[dict], None] | None = None, models: t
 
     from experiments import metrics
     from experiments.data import PromptFormat, dataset_module
+    from jaxspec.kv.pipeline import SharedPrefills
 
     out = Path(cfg["out"])
     out.mkdir(parents=True, exist_ok=True)
@@ -331,12 +336,13 @@ def run(cfg: dict, *, on_record: Callable[[dict], None] | None = None, models: t
                 bar.total -= sum(map(len, missing.values()))
                 continue
             n_new = min(sample.max_new_tokens, cfg["max_new_tokens"] or sample.max_new_tokens)
+            shared = SharedPrefills()  # SnapKV, PyramidKV and AdaKV, run in a row, prefill once
             for s in specs:
                 budgets = missing[s["name"]]
                 if not budgets:
                     continue
                 bar.set_description(f"{task}@{length} {s['name']}" + ("" if budgets == [None] else f"/{budgets}"))
-                for b, result in zip(budgets, runners[s["name"]](sample.ids, n_new, budgets)):
+                for b, result in zip(budgets, runners[s["name"]](sample.ids, n_new, budgets, shared)):
                     score = metrics.score(sample.dataset, task, result.text or "", sample.answers, sample.meta)
                     rec = result_record(sample, task, length, s, b, result, score)
                     append_record(f, rec)

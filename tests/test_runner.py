@@ -173,6 +173,35 @@ def test_kv_budget_sweep_equals_compress_per_capacity(tiny_pair, stage_calls, na
         compress_budgets(target, prompts, [methods[0], make_method(name, capacity=16, window_size=2, kernel_size=3)])
 
 
+def test_kv_methods_share_prefills_through_shared_prefills(tiny_pair, stage_calls):
+    """StreamingLLM's prefill is the plain one; SnapKV, PyramidKV and AdaKV with equal windows capture the same
+    scores: run in a row on one batch they prefill twice in all (plain + window), H2O once more, and each
+    result equals the method's own sweep."""
+    import numpy as np
+
+    from jaxspec.kv import make_method
+    from jaxspec.kv.pipeline import SharedPrefills, compress_budgets
+
+    target, _ = tiny_pair
+    prompts = tiny_prompts()
+    names = ["streamingllm", "snapkv", "pyramidkv", "adakv", "h2o"]
+    params = {"streamingllm": {}, "h2o": {"window_size": 4}}
+    sweeps = {n: [make_method(n, capacity=c, **params.get(n, {"window_size": 4, "kernel_size": 3}))
+                  for c in (16, 24, 64)] for n in names}
+    shared = SharedPrefills()
+    got = {n: compress_budgets(target, prompts, sweeps[n], shared=shared) for n in names}
+    assert stage_calls["prefill"] == 3 and len(shared) == 2
+    stage_calls.clear()
+    for n in names:
+        want = compress_budgets(target, prompts, sweeps[n])
+        for a, b in zip(got[n], want):
+            assert a.compressed == b.compressed and a.timings.keys() == b.timings.keys()
+            for x, y in [(a.cache.k, b.cache.k), (a.cache.v, b.cache.v), (a.cache.pos, b.cache.pos),
+                         (a.logits, b.logits)]:
+                assert np.array_equal(np.asarray(x), np.asarray(y)), n
+    assert stage_calls["prefill"] == 9  # alone: a scored and a plain prefill each, StreamingLLM only the plain
+
+
 def test_kv_budget_sweep_splits_the_prefill_where_speckv_sparse_rows_differ(tiny_pair, stage_calls):
     """With its 5 lookahead tokens a 79-token prompt passes the sparse threshold (64 + 16); it is scored, so
     sparse, at capacity 16 but not at 78 (``n > capacity + 1`` fails), though both compress it: two prefills,

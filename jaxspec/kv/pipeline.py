@@ -21,6 +21,7 @@ once and stage 3 once per capacity.
 
 from __future__ import annotations
 
+import collections
 import dataclasses
 import functools
 import time
@@ -153,6 +154,28 @@ def compress(target: Model, prompts: list[list[int]], kv: Method, *, draft: Mode
                             pad_id=pad_id, lookahead=lookahead)[0]
 
 
+class SharedPrefills(collections.OrderedDict):
+    """Target prefills shared between the kv methods run on one batch (``compress_budgets(shared=...)``): the
+    ``size`` most recently used are kept, since each holds a cache of the whole prompt (two serve methods
+    that run one after another, e.g. SnapKV, PyramidKV and AdaKV: their scored prefill and the plain one of
+    capacities that hold the prompt)."""
+
+    def __init__(self, size: int = 2):
+        super().__init__()
+        self.size = size
+
+    def __getitem__(self, key):
+        value = super().__getitem__(key)
+        self.move_to_end(key)
+        return value
+
+    def __setitem__(self, key, value):
+        super().__setitem__(key, value)
+        self.move_to_end(key)
+        while len(self) > self.size:
+            self.popitem(last=False)
+
+
 def check_budget_sweep(methods: list[Method]) -> None:
     """Refuse configs that differ in anything but ``capacity`` (or are of different methods)."""
     if not methods:
@@ -181,14 +204,19 @@ def prefill_key(method: Method, lengths, look_len, Ls: int, T: int):
 
 def compress_budgets(target: Model, prompts: list[list[int]], methods: list[Method], *,
                      draft: Model | None = None, max_new_tokens: int = 64, stop_ids=(), pad_id: int = 0,
-                     lookahead: list[list[int]] | None = None) -> list[Compressed]:
+                     lookahead: list[list[int]] | None = None, shared: dict | None = None) -> list[Compressed]:
     """``compress`` with each config of ``methods``, which differ only in ``capacity`` (a budget sweep): the
     draft lookahead runs once, the target prefill with its attention capture once per ``prefill_key`` (once
     for the whole sweep, but for SpecKV's sparse prefill when a row is scored under some capacities only),
     ``compress_cache`` once per capacity; it does not consume the prefilled cache. Each result equals
     ``compress(target, prompts, m, ...)``. A capacity that holds every prompt is not compressed (as in
     ``compress``); those share one plain prefill without lookahead. The shared stages' seconds appear in
-    full in the ``timings`` of every result that used them."""
+    full in the ``timings`` of every result that used them.
+
+    ``shared``: a mapping the caller keeps across calls (e.g. a ``SharedPrefills``) to share target prefills
+    between *methods* too: a prefill is reused wherever the prompts, the lookahead tokens and the
+    ``prefill_key`` are equal (SnapKV, PyramidKV and AdaKV with equal windows share one; StreamingLLM shares
+    the plain prefill of capacities that hold the prompt). Results are the same as without it."""
     check_budget_sweep(methods)
     check_draft(methods[0], target, draft)
     cfg = target.config
@@ -197,16 +225,25 @@ def compress_budgets(target: Model, prompts: list[list[int]], methods: list[Meth
     T = batch.tokens.shape[1]
     flags = [[not isinstance(m, Full) and n > m.capacity for n in lengths] for m in methods]
     squeezed = [m for m, f in zip(methods, flags) if any(f)]
-    plain, keys, scored = None, [None] * len(methods), {}  # scored: prefill key -> (logits, cache, scores, timings)
-    if len(squeezed) < len(methods):
-        timings = {"draft": 0.0, "score": 0.0}
-        empty = KVCache.create(cfg, len(prompts), T)
-        logits, cache, _ = _run(prefill, (target.params, batch.tokens, batch.lengths, None, None, empty),
-                                {"cfg": cfg, "method": Full()}, timings, "prefill")
-        plain = cache, logits, timings
+    scored = {}  # (prompts, lookahead, prefill key) -> (logits, cache, scores, timings), this call's
+    shared = {} if shared is None else shared
+    inputs = (tuple(map(tuple, prompts)), pad_id)
+
+    def prefilled(key, method, look, look_len, Ls):
+        """The target prefill of ``key`` (run once per key): ``(logits, cache, scores, its timings)``."""
+        if key not in scored:
+            if key not in shared:
+                t: dict[str, float] = {}
+                empty = KVCache.create(cfg, len(prompts), T + Ls)
+                shared[key] = (*_run(prefill, (target.params, batch.tokens, batch.lengths, look, look_len, empty),
+                                     {"cfg": cfg, "method": method}, t, "prefill"), t)
+            scored[key] = shared[key]
+        return scored[key]
+
+    keys = [None] * len(methods)
+    lead = {"draft": 0.0}  # stages before the prefill (the draft lookahead)
     if squeezed:
         method = squeezed[0]
-        timings = {"draft": 0.0}
         look = look_len = None
         if method.lookahead and lookahead is not None:
             look = np.full((len(prompts), bucket(max(map(len, lookahead)))), pad_id, np.int32)
@@ -219,28 +256,24 @@ def compress_budgets(target: Model, prompts: list[list[int]], methods: list[Meth
             source = target if draft is None else draft
             args = (source.params, batch.tokens, batch.lengths, KVCache.create(source.config, len(prompts), T + Ls),
                     jax.random.PRNGKey(0), jnp.int32(steps), _stops(stop_ids), Sampling.make(0.0))
-            out = _run(generate_tokens, args, {"cfg": source.config, "max_steps": Ls, "pad_id": pad_id}, timings,
+            out = _run(generate_tokens, args, {"cfg": source.config, "max_steps": Ls, "pad_id": pad_id}, lead,
                        "draft")
             look, look_len = out.tokens, out.num_generated
             lookahead = [r[:m].tolist() for r, m in zip(to_host(look), to_host(look_len))]
         Ls = 0 if look is None else look.shape[1]
+        look_key = None if look is None else tuple(map(tuple, lookahead))
         for i, (m, f) in enumerate(zip(methods, flags)):
-            if not any(f):
-                continue
-            keys[i] = prefill_key(m, batch.lengths, look_len, Ls, T)
-            if keys[i] not in scored:
-                t = dict(timings)
-                empty = KVCache.create(cfg, len(prompts), T + Ls)
-                scored[keys[i]] = (*_run(prefill, (target.params, batch.tokens, batch.lengths, look, look_len, empty),
-                                         {"cfg": cfg, "method": m}, t, "prefill"), t)
+            if any(f):
+                keys[i] = (inputs, look_key, prefill_key(m, batch.lengths, look_len, Ls, T))
+                prefilled(keys[i], m, look, look_len, Ls)
     out = []
     for m, f, key in zip(methods, flags, keys):
-        if not any(f):
-            cache, logits, timings = plain
-            out.append(Compressed(m, cache, logits, batch.lengths, lengths, f, None, dict(timings)))
+        if not any(f):  # every prompt fits: the plain prefill (the key of a method without capture)
+            logits, cache, _, t = prefilled((inputs, None, None), Full(), None, None, 0)
+            out.append(Compressed(m, cache, logits, batch.lengths, lengths, f, None, dict(t, draft=0.0, score=0.0)))
             continue
-        logits, cache, scores, timings = scored[key]
-        timings = dict(timings)
+        logits, cache, scores, t = scored[key]
+        timings = {**lead, **t, "compile": lead.get("compile", 0.0) + t["compile"]}
         args = (target.params, cache, scores, logits, batch.tokens, batch.lengths)
         small, first = _run(compress_cache, args, {"cfg": cfg, "method": m, "k": m.slots(T, cfg.num_kv_heads)},
                             timings, "score")
@@ -303,12 +336,13 @@ def generate(target: Model, prompts: list[list[int]], kv: Method, *, draft: Mode
 
 def generate_budgets(target: Model, prompts: list[list[int]], methods: list[Method], *, draft: Model | None = None,
                      max_new_tokens: int = 64, sampling: Sampling | None = None, seed: int = 0, stop_ids=(),
-                     kept_indices: bool = False,
-                     lookahead: list[list[int]] | None = None) -> list[list[GenerationResult]]:
+                     kept_indices: bool = False, lookahead: list[list[int]] | None = None,
+                     shared: dict | None = None) -> list[list[GenerationResult]]:
     """``generate`` with each config of a budget sweep (``compress_budgets``: one draft lookahead and one
-    target prefill for all capacities), each compressed cache decoded on its own; results per config."""
+    target prefill for all capacities; ``shared`` as there), each compressed cache decoded on its own; results
+    per config."""
     cs = compress_budgets(target, prompts, methods, draft=draft, max_new_tokens=max_new_tokens, stop_ids=stop_ids,
-                          lookahead=lookahead)
+                          lookahead=lookahead, shared=shared)
     load = target.load_seconds + (draft.load_seconds if draft is not None else 0.0)
     sweep = []
     for c in cs:
