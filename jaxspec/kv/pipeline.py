@@ -261,7 +261,7 @@ def compress_budgets(target: Model, prompts: list[list[int]], methods: list[Meth
             look, look_len = out.tokens, out.num_generated
             lookahead = [r[:m].tolist() for r, m in zip(to_host(look), to_host(look_len))]
         Ls = 0 if look is None else look.shape[1]
-        look_key = None if look is None else tuple(map(tuple, lookahead))
+        look_key = None if look is None else (Ls, tuple(map(tuple, lookahead)))  # Ls: the buffer's capacity
         for i, (m, f) in enumerate(zip(methods, flags)):
             if any(f):
                 keys[i] = (inputs, look_key, prefill_key(m, batch.lengths, look_len, Ls, T))
