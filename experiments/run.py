@@ -194,7 +194,8 @@ def _drafter(spec, target, draft):
     from jaxspec.speculative import generate_speculative
 
     drafter = make_drafter(spec["method"], **spec["params"])
-    return lambda ids, n, budgets, shared: [generate_speculative(target, ids, drafter, draft_model=draft, max_new_tokens=n)]
+    return lambda ids, n, budgets, shared: [generate_speculative(target, ids, drafter, draft_model=draft,
+                                                                 max_new_tokens=n)]
 
 
 # kind -> (builder(spec, target, draft) -> run(ids, max_new_tokens, budgets, shared) -> [GenerationResult per
