@@ -6,9 +6,12 @@
 
 For every method (and tree size): mean accepted drafts per step, tokens per target forward, decode
 tokens/s and the speedup over our own autoregressive decoding measured in the same process on the same
-prompts. Greedy outputs are checked token-identical to AR (the lossless promise).
+prompts. Greedy outputs are checked token-identical to AR (the lossless promise). Every method is compiled
+first; then the prompts are decoded in prompt-major order (all methods on prompt 1, then on prompt 2, ...), so
+a noisy host's drift over the run touches every method alike. The JSON keeps each prompt's decode time.
 
-ADED (``aded``; ``aded-intended``: the intended MCTS value; ``aded-noadapt``: no adaptive update) uses a
+ADED (``aded``; ``aded-intended``: the intended MCTS value; ``aded-noadapt`` and ``aded-intended-noadapt``:
+no adaptive update) uses a
 tri-gram table built with the target's tokenizer from the Python standard library's ``.py`` sources
 (``--corpus site-packages``: every installed package's, about ten times as much code), cached
 under ``~/.cache/jaxspec/trigram/`` (``$JAXSPEC_CACHE``) per model, corpus and Python version. Every (method, tree
@@ -38,7 +41,8 @@ def humaneval_prompts(n: int) -> list[str]:
     return [p["prompt"] for p in problems[:n]]
 
 
-ADED_VARIANTS = {"aded": {}, "aded-intended": {"value": "intended"}, "aded-noadapt": {"adapt": False}}
+ADED_VARIANTS = {"aded": {}, "aded-intended": {"value": "intended"}, "aded-noadapt": {"adapt": False},
+                 "aded-intended-noadapt": {"value": "intended", "adapt": False}}
 
 
 CORPORA = ("stdlib", "site-packages")
@@ -75,34 +79,47 @@ def corpus_table(model_name: str, model, corpus: str = "stdlib") -> Path:
     return path
 
 
-def run_method(model, prompts, new_tokens, speculative=None, draft=None) -> dict:
+def compile_method(model, prompt, new_tokens, speculative=None, draft=None) -> None:
+    """Compile (and warm) one method on ``prompt``; ADED's table forgets what this run taught it (the run
+    decodes the first measured prompt, whose answer would otherwise be in the table before it is measured)."""
     import jaxspec
 
     kw = {"speculative": speculative, "draft": draft} if speculative else {}
     table = getattr(speculative, "table", None)
     saved = {k: dict(v) for k, v in table.overlay.items()} if table is not None else None
-    jaxspec.generate(model, prompts[0], max_new_tokens=new_tokens, stop_ids=[], **kw)  # compile
+    jaxspec.generate(model, prompt, max_new_tokens=new_tokens, stop_ids=[], **kw)
     if table is not None:
-        table.overlay = saved  # forget what the compile run taught the table
-    tokens, decode_s, generated, accepted, forwards, drafting_s = [], 0.0, 0, [], 0, 0.0
-    for p in prompts:
-        r = jaxspec.generate(model, p, max_new_tokens=new_tokens, stop_ids=[], **kw)
-        tokens.append(r.token_ids)
-        decode_s += r.timings["decode"]
-        generated += len(r.token_ids) - 1
+        table.overlay = saved
+
+
+class Tally:
+    """One method's sums over the measured prompts."""
+
+    def __init__(self):
+        self.tokens, self.decode_s, self.generated, self.accepted, self.forwards, self.drafting_s = [], 0.0, 0, [], 0, 0.0
+        self.per_prompt = []  # decode seconds of each prompt
+
+    def add(self, r, speculative: bool) -> None:
+        self.tokens.append(r.token_ids)
+        self.per_prompt.append(r.timings["decode"])
+        self.decode_s += r.timings["decode"]
+        self.generated += len(r.token_ids) - 1
         if speculative:
-            accepted.append(r.accepted_per_step["mean"])
-            forwards += r.target_forwards
-            drafting_s += r.timings.get("drafting", 0.0)
-    out = {"decode_s": decode_s, "decode_tokens_per_s": generated / decode_s, "tokens": tokens}
-    if speculative:
-        steps = forwards - len(prompts)  # verification forwards (each prompt also had a prefill)
-        out |= {"accepted_per_step": float(np.mean(accepted)), "tokens_per_target_forward": float(np.mean(accepted)) + 1,
-                "target_forwards": forwards}
-        if drafting_s:
-            out |= {"drafting_s": drafting_s, "drafting_ms_per_step": 1e3 * drafting_s / max(steps, 1),
-                    "drafting_share_of_decode": drafting_s / decode_s}
-    return out
+            self.accepted.append(r.accepted_per_step["mean"])
+            self.forwards += r.target_forwards
+            self.drafting_s += r.timings.get("drafting", 0.0)
+
+    def row(self) -> dict:
+        out = {"decode_s": self.decode_s, "decode_tokens_per_s": self.generated / self.decode_s, "tokens": self.tokens,
+               "decode_s_per_prompt": self.per_prompt}
+        if self.accepted:
+            steps = self.forwards - len(self.tokens)  # verification forwards (each prompt also had a prefill)
+            out |= {"accepted_per_step": float(np.mean(self.accepted)),
+                    "tokens_per_target_forward": float(np.mean(self.accepted)) + 1, "target_forwards": self.forwards}
+            if self.drafting_s:
+                out |= {"drafting_s": self.drafting_s, "drafting_ms_per_step": 1e3 * self.drafting_s / max(steps, 1),
+                        "drafting_share_of_decode": self.drafting_s / self.decode_s}
+        return out
 
 
 def main(argv=None) -> dict:
@@ -129,23 +146,36 @@ def main(argv=None) -> dict:
     draft = jaxspec.load(args.draft, quiet=True) if "draft-model" in args.methods else None
     table = corpus_table(args.model, model, args.corpus) if set(args.methods) & set(ADED_VARIANTS) else None
     prompts = humaneval_prompts(args.problems)
-    runs = [(m, t) for m in args.methods if m != "ar" for t in args.tree_sizes]
-    bar = tqdm(total=1 + len(runs), unit="run", desc="ar", dynamic_ncols=True)
-    ar = run_method(model, prompts, args.new_tokens)
-    bar.update()
-    rows = [{"method": "ar", "tree_size": 1, **ar, "speedup": 1.0, "identical_to_ar": True}]
-    for method, t in runs:
-        bar.set_description(f"{method}, tree {t}")
-        if method in ADED_VARIANTS:  # a fresh table: no adaptation carried over from another run
-            drafter = make_drafter("aded", tree_size=t, table=TrigramTable.load(table), **ADED_VARIANTS[method])
+    runs = [("ar", 1)] + [(m, t) for m in args.methods if m != "ar" for t in args.tree_sizes]
+    drafters = {}
+    for method, t in runs[1:]:
+        if method in ADED_VARIANTS:  # a fresh table per variant: no adaptation carried over from another one
+            drafters[method, t] = make_drafter("aded", tree_size=t, table=TrigramTable.load(table),
+                                               **ADED_VARIANTS[method])
         else:
-            drafter = make_drafter(method, tree_size=t)
-        r = run_method(model, prompts, args.new_tokens, drafter, draft)
-        rows.append({"method": method, "tree_size": t, **r,
-                     "speedup": r["decode_tokens_per_s"] / ar["decode_tokens_per_s"],
-                     "identical_to_ar": r["tokens"] == ar["tokens"]})
+            drafters[method, t] = make_drafter(method, tree_size=t)
+    bar = tqdm(total=len(runs) * (1 + len(prompts)), unit="run", desc="compile", dynamic_ncols=True)
+    for run in runs:
+        compile_method(model, prompts[0], args.new_tokens, drafters.get(run), draft)
         bar.update()
+    # prompt-major order: every method decodes prompt i before any decodes prompt i + 1, so the host's drift
+    # over the run touches all methods alike (ADED's tables still adapt across the prompts in order)
+    tallies = {run: Tally() for run in runs}
+    for i, p in enumerate(prompts):
+        for run in runs:
+            bar.set_description(f"prompt {i + 1}/{len(prompts)}: {run[0]}" + (f", tree {run[1]}" if run[1] > 1 else ""))
+            kw = {"speculative": drafters[run], "draft": draft} if run in drafters else {}
+            tallies[run].add(jaxspec.generate(model, p, max_new_tokens=args.new_tokens, stop_ids=[], **kw), run in drafters)
+            bar.update()
     bar.close()
+    ar = tallies["ar", 1].row()
+    rows = [{"method": "ar", "tree_size": 1, **ar, "speedup": 1.0, "identical_to_ar": True}]
+    for method, t in runs[1:]:
+        r = tallies[method, t].row()
+        per_prompt = np.divide(ar["decode_s_per_prompt"], r["decode_s_per_prompt"])  # same token counts
+        rows.append({"method": method, "tree_size": t, **r, "speedup": r["decode_tokens_per_s"] / ar["decode_tokens_per_s"],
+                     "speedup_per_prompt_range": [float(per_prompt.min()), float(per_prompt.max())],
+                     "identical_to_ar": r["tokens"] == ar["tokens"]})
     for r in rows:
         r.pop("tokens")
     result = {"benchmark": "speculative", "date": time.strftime("%Y-%m-%d %H:%M:%S"),
@@ -153,13 +183,14 @@ def main(argv=None) -> dict:
               "machine": machine_info(), "settings": vars(args),
               **({"trigram_table": table.name} if table else {}), "rows": rows}
     emit(result, args.out)
-    lines = ["| method | tree | accepted/step | tokens/forward | decode tok/s | speedup vs AR | drafting ms/step "
-             "| identical |", "|---|---:|---:|---:|---:|---:|---:|---|"]
+    lines = ["| method | tree | accepted/step | tokens/forward | decode tok/s | speedup vs AR | per prompt "
+             "| drafting ms/step | identical |", "|---|---:|---:|---:|---:|---:|---:|---:|---|"]
     for r in rows:
         ms = f"{r['drafting_ms_per_step']:.2f}" if "drafting_ms_per_step" in r else "-"
+        lo, hi = r.get("speedup_per_prompt_range", (1.0, 1.0))
         lines.append(f"| {r['method']} | {r['tree_size']} | {r.get('accepted_per_step', 0):.2f} | "
                      f"{r.get('tokens_per_target_forward', 1):.2f} | {r['decode_tokens_per_s']:.2f} | "
-                     f"{r['speedup']:.2f}x | {ms} | {r['identical_to_ar']} |")
+                     f"{r['speedup']:.2f}x | {lo:.2f}-{hi:.2f}x | {ms} | {r['identical_to_ar']} |")
     print("\n".join(lines), file=sys.stderr)
     return result
 
