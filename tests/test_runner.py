@@ -358,3 +358,28 @@ def test_pc_example_config_resolves():
         run.method_specs(dict(cfg, methods=[{"name": "specpc", "budget": "kv"}]))
     with pytest.raises(ValueError, match="kind pc only"):
         run.method_specs(dict(cfg, methods=[{"name": "snapkv", "kv": "speckv"}]))
+
+
+@pytest.mark.parametrize("path", sorted((REPO / "experiments" / "configs").glob("*.yaml")), ids=lambda p: p.stem)
+def test_every_shipped_config_resolves(path):
+    """Each config in experiments/configs names known tasks and builds every method at every budget (a typo
+    would otherwise surface hours into a run, at the first sample of that method)."""
+    from experiments.data import dataset_module
+    from jaxspec.drafters import make_drafter
+    from jaxspec.kv import make_method as make_kv
+    from jaxspec.pc import make_method as make_pc
+
+    cfg = run.load_config(path)
+    for d in cfg["datasets"]:
+        assert set(d.get("tasks") or []) <= set(dataset_module(d["name"]).TASKS), d
+    for s in run.method_specs(cfg):
+        for b in s["budgets"]:
+            cap = {} if b is None else {"capacity": b}
+            if s["kind"] == "kv":
+                make_kv(s["method"], **s["params"], **cap)
+            elif s["kind"] == "pc":
+                make_pc(s["method"], **s["params"], **({} if s["budget_of"] == "kv" else cap))
+                if s["kv"]:
+                    make_kv(s["kv"], **s["kv_params"], **(cap if s["budget_of"] == "kv" else {}))
+            elif s["kind"] == "drafter":
+                make_drafter(s["method"], **s["params"])
