@@ -96,8 +96,8 @@ class Tally:
     """One method's sums over the measured prompts."""
 
     def __init__(self):
-        self.tokens, self.decode_s, self.generated, self.accepted, self.forwards, self.drafting_s = [], 0.0, 0, [], 0, 0.0
-        self.per_prompt = []  # decode seconds of each prompt
+        self.tokens, self.per_prompt, self.accepted = [], [], []  # per prompt: tokens, decode seconds, accepted mean
+        self.decode_s, self.generated, self.forwards, self.drafting_s = 0.0, 0, 0, 0.0
 
     def add(self, r, speculative: bool) -> None:
         self.tokens.append(r.token_ids)
@@ -165,7 +165,8 @@ def main(argv=None) -> dict:
         for run in runs:
             bar.set_description(f"prompt {i + 1}/{len(prompts)}: {run[0]}" + (f", tree {run[1]}" if run[1] > 1 else ""))
             kw = {"speculative": drafters[run], "draft": draft} if run in drafters else {}
-            tallies[run].add(jaxspec.generate(model, p, max_new_tokens=args.new_tokens, stop_ids=[], **kw), run in drafters)
+            r = jaxspec.generate(model, p, max_new_tokens=args.new_tokens, stop_ids=[], **kw)
+            tallies[run].add(r, run in drafters)
             bar.update()
     bar.close()
     ar = tallies["ar", 1].row()
@@ -173,7 +174,8 @@ def main(argv=None) -> dict:
     for method, t in runs[1:]:
         r = tallies[method, t].row()
         per_prompt = np.divide(ar["decode_s_per_prompt"], r["decode_s_per_prompt"])  # same token counts
-        rows.append({"method": method, "tree_size": t, **r, "speedup": r["decode_tokens_per_s"] / ar["decode_tokens_per_s"],
+        rows.append({"method": method, "tree_size": t, **r,
+                     "speedup": r["decode_tokens_per_s"] / ar["decode_tokens_per_s"],
                      "speedup_per_prompt_range": [float(per_prompt.min()), float(per_prompt.max())],
                      "identical_to_ar": r["tokens"] == ar["tokens"]})
     for r in rows:
