@@ -278,7 +278,9 @@ def plot(points: dict, path: Path) -> Path | None:
         ax.text(0.03, 0.95, f"Spearman of the plotted points: {spearman(x, y):.2f}", transform=ax.transAxes,
                 fontsize="small", va="top")
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
+    from experiments.run import save_figure
+
+    save_figure(fig, path)
     plt.close(fig)
     return path
 

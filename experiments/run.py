@@ -79,6 +79,14 @@ def write_text(path: Path, text: str) -> None:
     os.replace(tmp, path)
 
 
+def save_figure(fig, path: Path, dpi: int = 120) -> None:
+    """Save a matplotlib figure atomically, in the format of ``path``'s suffix."""
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
+    with os.fdopen(fd, "wb") as f:
+        fig.savefig(f, dpi=dpi, format=path.suffix.lstrip("."))
+    os.replace(tmp, path)
+
+
 def set_path(cfg: dict, dotted: str, value: Any) -> None:
     """Set ``cfg[a][b]...`` for ``dotted = "a.b..."`` (numeric parts index lists)."""
     *head, last = dotted.split(".")

@@ -5,6 +5,8 @@ Reads each run's ``predictions.jsonl`` (so a run still in progress can be summar
 
 * ``summary.md``: per dataset and length, a markdown table task x (method, budget) of scores, then the
   category averages and ``All``; for unscored datasets (HumanEval) tokens/s and tokens per target forward;
+  then the cost table: per (method, budget) the median seconds a record spent in each timed stage (draft
+  passes, prefill, scoring, decode; model loading and XLA compiles are one-off and left out) and their sum;
 * ``score_vs_budget_{dataset}_{length}.png``: the ``All`` score against the budget, one line per method
   (methods without a budget as dashed horizontal lines); the axis says whether the budgets are KV capacities,
   kept prompt tokens (prompt compression) or both;
@@ -20,7 +22,7 @@ from collections import defaultdict
 from pathlib import Path
 
 from experiments.metrics import aggregate
-from experiments.run import read_records
+from experiments.run import read_records, save_figure, write_text
 
 
 def load_runs(run_dirs: list[str]) -> list[dict]:
@@ -77,6 +79,40 @@ def tables(rows: list[dict], order: dict[str, int]) -> str:
     return "\n".join(out)
 
 
+ONE_OFF_TIMINGS = ("load", "compile")
+
+
+def costs(records: list[dict]) -> str:
+    """Markdown: per (dataset, length), the median seconds per record of every timed stage and of their sum,
+    per (method, budget) and, for methods with several budgets, over all of them ("all")."""
+    import numpy as np
+
+    out = []
+    timed = [r for r in records if r.get("timings")]
+    for (ds, length), group in _by(timed, ("dataset", "length")).items():
+        stages = list(dict.fromkeys(k for r in group for k in r["timings"] if k not in ONE_OFF_TIMINGS))
+        out.append(f"### cost per record, {ds}" + ("" if length is None else f", length {length}") + "\n")
+        out.append("median seconds per record (compile and load excluded; a prefill shared by several budgets "
+                   "counts in full in each)\n")
+        out.append("| method | budget | records | " + " | ".join(stages) + " | total |")
+        out.append("|---|---:|---:|" + "---:|" * (len(stages) + 1))
+        by_method = _by(group, ("method",))
+        for method in dict.fromkeys(r["method"] for r in group):
+            rs = by_method[(method,)]
+            cells = [(b, [r for r in rs if r["budget"] == b]) for b in sorted({r["budget"] for r in rs},
+                                                                             key=_budget_key)]
+            if len(cells) > 1:
+                cells.append(("all", rs))
+            for b, sel in cells:
+                med = [np.median([r["timings"].get(k, 0.0) for r in sel]) for k in stages]
+                total = np.median([sum(v for k, v in r["timings"].items() if k not in ONE_OFF_TIMINGS)
+                                   for r in sel])
+                out.append(f"| {method} | {'-' if b is None else b} | {len(sel)} | "
+                           + " | ".join(_fmt(m) for m in med) + f" | {_fmt(total)} |")
+        out.append("")
+    return "\n".join(out)
+
+
 def _by(rows, keys):
     groups = defaultdict(list)
     for r in rows:
@@ -118,7 +154,7 @@ def plot_scores(rows: list[dict], out: Path, budget_of: dict[str, str | None] | 
         ax.legend(fontsize="small")
         fig.tight_layout()
         path = out / f"score_vs_budget_{ds}_{length}.png"
-        fig.savefig(path, dpi=120)
+        save_figure(fig, path)
         plt.close(fig)
         paths.append(path)
     return paths
@@ -152,7 +188,7 @@ def plot_accepted(records: list[dict], out: Path) -> list[Path]:
         ax.legend(fontsize="small")
         fig.tight_layout()
         path = out / f"accepted_{ds}.png"
-        fig.savefig(path, dpi=120)
+        save_figure(fig, path)
         plt.close(fig)
         paths.append(path)
     return paths
@@ -167,8 +203,8 @@ def summarize(run_dirs: list[str], out: str | Path | None = None) -> tuple[str, 
     order = {}
     for r in records:
         order.setdefault(r["method"], len(order))
-    md = tables(rows, order)
-    (out / "summary.md").write_text(md)
+    md = tables(rows, order) + "\n" + costs(records)
+    write_text(out / "summary.md", md)
     budget_of = {r["method"]: r.get("budget_of") for r in records}
     return md, plot_scores(rows, out, budget_of) + plot_accepted(records, out)
 

@@ -53,6 +53,24 @@ def test_summary_of_speculative_records(tmp_path):
     assert [p.name for p in paths] == ["accepted_humaneval.png"] and paths[0].stat().st_size > 0
 
 
+def test_cost_table_takes_medians_of_the_timed_stages(tmp_path):
+    def rec(i, method, budget, **t):
+        return {"key": f"{method}{budget}{i}", "dataset": "ruler", "task": "niah_single_1", "length": 512,
+                "method": method, "budget": budget, "index": i, "score": 1.0,
+                "timings": {"load": 99.0, "compile": 50.0 + i, **t}}
+
+    recs = [rec(i, "full", None, prefill=p, decode=1.0) for i, p in enumerate([3.0, 5.0, 40.0])]
+    recs += [rec(i, "snapkv", b, draft=0.0, prefill=4.0 + i, score=0.5, decode=1.0) for i in range(2)
+             for b in (64, 128)]
+    (tmp_path / "predictions.jsonl").write_text("".join(json.dumps(r) + "\n" for r in recs))
+    md, _ = summarize.summarize([str(tmp_path)])
+    assert "| method | budget | records | prefill | decode | draft | score | total |" in md
+    assert "| full | - | 3 | 5.0 | 1.0 | 0.0 | 0.0 | 6.0 |" in md  # the median, not the mean (16.0)
+    assert "| snapkv | 64 | 2 | 4.5 | 1.0 | 0.0 | 0.5 | 6.0 |" in md
+    assert "| snapkv | all | 4 | 4.5 | 1.0 | 0.0 | 0.5 | 6.0 |" in md
+    assert "| full | all |" not in md  # one budget: no summary row
+
+
 @pytest.fixture(scope="module")
 def stories():
     import jaxspec
