@@ -99,8 +99,8 @@ def prompt_mix(tokenizer, n: int, length: int, *, seed: int = 42, chat: bool = T
                essays: str | None = None, humaneval: str | None = None):
     """``n`` samples, deterministic: prompt ``i`` is RULER-style for even ``i`` (the tasks of ``RULER_TASKS`` that
     fit ``length`` tokens, in turn; sample index ``i // 2 // tasks``) and HumanEval problem ``i // 2`` for odd
-    ``i``. Returns the samples and the tasks left out because their shortest prompt exceeds ``length`` (at 1K:
-    cwe, whose word list alone is longer)."""
+    ``i``. Returns the samples and the tasks left out because their shortest prompt exceeds ``length`` (at 384
+    tokens, cwe among them)."""
     from experiments.data import PromptFormat, humaneval as he, ruler
 
     fmt = PromptFormat(chat=chat, system=system)

@@ -70,7 +70,9 @@ TASKS = {  # synthetic.yaml
     "niah_multivalue": dict(kind="niah", haystack="essay", k="words", v="numbers", num_v=4),
     "niah_multiquery": dict(kind="niah", haystack="essay", k="words", v="numbers", num_k=4, num_q=4),
     "vt": dict(kind="vt", num_chains=1, num_hops=4),
-    "cwe": dict(kind="cwe", freq_cw=30, freq_ucw=3, num_cw=10),
+    # below 4096 tokens RULER's cwe repeats each common word 6 times and each other word once (30 / 3 would not
+    # leave a 1K prompt room for even the common words)
+    "cwe": dict(kind="cwe", freq_cw=30, freq_ucw=3, num_cw=10, short=dict(below=4096, freq_cw=6, freq_ucw=1)),
     "fwe": dict(kind="fwe", alpha=2.0),
     "qa_1": dict(kind="qa", source="squad"),
     "qa_2": dict(kind="qa", source="hotpotqa"),
@@ -233,8 +235,10 @@ def _vt(p, rng, words, budget):
     return build, 1, budget
 
 
-def _cwe(p, rng, words, budget, sample_seed):
+def _cwe(p, rng, words, budget, sample_seed, length):
     num_cw = p["num_cw"]
+    freq_cw, freq_ucw = ((p["short"]["freq_cw"], p["short"]["freq_ucw"]) if length < p["short"]["below"]
+                         else (p["freq_cw"], p["freq_ucw"]))
     hi = num_cw + budget // 3
     if hi > len(words):
         raise ValueError(f"cwe needs up to {hi} distinct words, the word list has {len(words)}")
@@ -242,7 +246,7 @@ def _cwe(p, rng, words, budget, sample_seed):
     template, prefix = TEMPLATES["cwe"]
 
     def build(n):
-        items = pool[:num_cw] * p["freq_cw"] + pool[num_cw:n] * p["freq_ucw"]
+        items = pool[:num_cw] * freq_cw + pool[num_cw:n] * freq_ucw
         random.Random(sample_seed).shuffle(items)
         context = "\n".join(f"{i + 1}. {w}" for i, w in enumerate(items))
         return template.format(context=context), prefix, pool[:num_cw], {}
@@ -336,7 +340,7 @@ def sample(tokenizer, task: str, length: int, index: int, *, fmt: PromptFormat =
     elif kind == "vt":
         build, lo, hi = _vt(p, rng, words, budget)
     elif kind == "cwe":
-        build, lo, hi = _cwe(p, rng, words, budget, sample_seed)
+        build, lo, hi = _cwe(p, rng, words, budget, sample_seed, length)
     elif kind == "fwe":
         build, lo, hi = _fwe(p, rng, words, budget, sample_seed)
     else:
