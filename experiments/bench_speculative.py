@@ -114,7 +114,7 @@ class Tally:
                "decode_s_per_prompt": self.per_prompt}
         if self.accepted:
             steps = self.forwards - len(self.tokens)  # verification forwards (each prompt also had a prefill)
-            out |= {"accepted_per_step": float(np.mean(self.accepted)),
+            out |= {"accepted_per_step": float(np.mean(self.accepted)), "accepted_per_step_per_prompt": self.accepted,
                     "tokens_per_target_forward": float(np.mean(self.accepted)) + 1, "target_forwards": self.forwards}
             if self.drafting_s:
                 out |= {"drafting_s": self.drafting_s, "drafting_ms_per_step": 1e3 * self.drafting_s / max(steps, 1),
