@@ -116,4 +116,4 @@ def test_empty_cache_prefill_equals_general_path(model):
     b, cb, _ = forward(model.params, cfg, ids, pos, KVCache.create(cfg, 2, 16), empty_cache=True)
     valid = np.asarray(pos) >= 0  # padding queries see no key: their outputs are don't-cares
     np.testing.assert_allclose(np.asarray(a)[valid], np.asarray(b)[valid], atol=1e-5)
-    np.testing.assert_allclose(ca.k, cb.k, atol=1e-6)
+    np.testing.assert_allclose(ca.k, cb.k, rtol=1e-5, atol=1e-5)  # two programs: fp32 rounding differs

@@ -191,7 +191,9 @@ def test_compressed_cache_keeps_original_positions_and_entries(target, prompts):
     ck, fk = np.asarray(c.cache.k), np.asarray(full.k)
     for l, b, h in np.ndindex(*kpos.shape[:3]):
         p = kpos[l, b, h]
-        np.testing.assert_allclose(ck[l, b, h, p >= 0], fk[l, b, h, p[p >= 0]], atol=1e-6)
+        # the prefill with its attention capture and the plain forward are different XLA programs: fp32
+        # rounding differs (by up to ~1e-6 here), a wrong gather by O(1)
+        np.testing.assert_allclose(ck[l, b, h, p >= 0], fk[l, b, h, p[p >= 0]], rtol=1e-5, atol=1e-5)
         assert (np.asarray(c.cache.k)[l, b, h, p < 0] == 0).all()
     assert np.asarray(c.next_pos).tolist() == list(LENGTHS)
 
