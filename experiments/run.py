@@ -43,6 +43,7 @@ their draft prefill of the prompt is common, which a fused stage would be needed
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import platform
@@ -59,32 +60,38 @@ REPO = Path(__file__).resolve().parents[1]
 IDENTITY = ("target", "draft", "dtype", "chat", "system", "seed", "max_new_tokens")  # fixed for a run directory
 
 
-def write_json(path: Path, obj: Any) -> None:
-    """Write ``obj`` as JSON atomically (temp file in the same folder, fsync, rename)."""
+@contextlib.contextmanager
+def atomic_open(path: Path, mode: str = "w"):
+    """A file that replaces ``path`` only once it is completely written (temp file in the same folder,
+    fsync, rename); on an error the temp file is removed and ``path`` is left as it was."""
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
-    with os.fdopen(fd, "w") as f:
+    try:
+        with os.fdopen(fd, mode) as f:
+            yield f
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def write_json(path: Path, obj: Any) -> None:
+    """Write ``obj`` as JSON atomically."""
+    with atomic_open(path) as f:
         json.dump(obj, f, indent=2, default=str)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
 
 
 def write_text(path: Path, text: str) -> None:
     """Write ``text`` atomically."""
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
-    with os.fdopen(fd, "w") as f:
+    with atomic_open(path) as f:
         f.write(text)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
 
 
 def save_figure(fig, path: Path, dpi: int = 120) -> None:
     """Save a matplotlib figure atomically, in the format of ``path``'s suffix."""
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
-    with os.fdopen(fd, "wb") as f:
+    with atomic_open(path, "wb") as f:
         fig.savefig(f, dpi=dpi, format=path.suffix.lstrip("."))
-    os.replace(tmp, path)
 
 
 def set_path(cfg: dict, dotted: str, value: Any) -> None:
