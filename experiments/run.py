@@ -30,13 +30,21 @@ budget?}``, turned into ``jaxspec`` calls by ``method_runner``:
 
 Without ``kind``: ``full`` for ``full``, ``kv`` for a ``jaxspec.kv`` method name, ``pc`` for a ``jaxspec.pc`` one, else
 ``drafter``. Budgets come from the method's own ``budgets`` or the config's; methods without a budget run once
-(budget null). Per sample, a method's missing budgets run as one sweep (one shared prefill or scoring pass);
-records are still written one per budget, so a run killed inside a sweep resumes with the budgets left.
-KV methods of one sample also share target prefills with the methods run just before them where the prefill
-is the same program on the same input (``jaxspec.kv.pipeline.SharedPrefills``): SnapKV, PyramidKV and AdaKV
-listed in a row prefill once a sample.
+(budget null).
 
-Not shared: the draft passes of different methods of one sample (SpecKV's lookahead of ``max_new_tokens``
+Batches: ``batch_size`` (default 1) samples of one (task, length) with equal ``max_new_tokens`` go through each
+method together (every ``jaxspec`` path takes a batch of prompts; results do not depend on the batch beyond
+float rounding). Per batch, a method's missing budgets run as one sweep (one shared prefill or scoring pass);
+records are still written one per (sample, budget), so a run killed inside a sweep resumes with the budgets
+left (a restart recomputes, for a batch, the union of its samples' missing budgets and writes only what is
+missing). A record's ``timings`` are its batch's and ``batch`` says how many prompts shared them. On a CPU the
+prefill is compute-bound, so batches save the decode and the draft lookahead; on a GPU the whole grid runs
+about ``batch_size`` times faster until the accelerator is busy.
+KV methods of one batch also share target prefills with the methods run just before them where the prefill
+is the same program on the same input (``jaxspec.kv.pipeline.SharedPrefills``): SnapKV, PyramidKV and AdaKV
+listed in a row prefill once a batch.
+
+Not shared: the draft passes of different methods of one batch (SpecKV's lookahead of ``max_new_tokens``
 tokens and SpecPC's attention pass over the prompt with its 1 or 20 tokens are different programs; only
 their draft prefill of the prompt is common, which a fused stage would be needed to reuse).
 """
@@ -119,7 +127,7 @@ def load_config(path: str | Path, overrides: list[str] = ()) -> dict:
             raise ValueError(f"config needs {key!r}")
     cfg.setdefault("out", str(Path("runs") / Path(path).stem))
     for key, default in (("draft", None), ("dtype", None), ("chat", True), ("system", None), ("seed", 42),
-                         ("max_new_tokens", None), ("samples", 10), ("budgets", [])):
+                         ("max_new_tokens", None), ("samples", 10), ("budgets", []), ("batch_size", 1)):
         cfg.setdefault(key, default)
     return cfg
 
@@ -167,7 +175,7 @@ def _capacity(budget) -> dict:
 def _full(spec, target, draft):
     import jaxspec
 
-    return lambda ids, n, budgets, shared: [jaxspec.generate(target, ids, max_new_tokens=n)]
+    return lambda prompts, n, budgets, shared: [jaxspec.generate(target, prompts, max_new_tokens=n)]
 
 
 def _kv(spec, target, draft):
@@ -176,12 +184,11 @@ def _kv(spec, target, draft):
     from jaxspec.kv import make_method
     from jaxspec.kv.pipeline import generate_budgets
 
-    def run(ids, n, budgets, shared):
+    def run(prompts, n, budgets, shared):
         methods = [make_method(spec["method"], **spec["params"], **_capacity(b)) for b in budgets]
-        req = prepare_request(target, ids, n, False, None, None)  # the stop ids jaxspec.generate uses
-        sweep = generate_budgets(target, req.ids, methods, draft=draft if methods[0].needs_draft else None,
-                                 max_new_tokens=n, sampling=Sampling.make(), stop_ids=req.stop_ids, shared=shared)
-        return [results[0] for results in sweep]
+        req = prepare_request(target, prompts, n, False, None, None)  # the stop ids jaxspec.generate uses
+        return generate_budgets(target, req.ids, methods, draft=draft if methods[0].needs_draft else None,
+                                max_new_tokens=n, sampling=Sampling.make(), stop_ids=req.stop_ids, shared=shared)
 
     return run
 
@@ -191,15 +198,14 @@ def _pc(spec, target, draft):
     from jaxspec.pc import make_method as make_pc
     from jaxspec.pc.pipeline import generate_budgets
 
-    def run(ids, n, budgets, shared):
+    def run(prompts, n, budgets, shared):
         if spec["budget_of"] == "kv":
             pcs = [make_pc(spec["method"], **spec["params"])]
             kv = [make_kv(spec["kv"], **spec["kv_params"], **_capacity(b)) for b in budgets]
         else:
             pcs = [make_pc(spec["method"], **spec["params"], **_capacity(b)) for b in budgets]
             kv = make_kv(spec["kv"], **spec["kv_params"]) if spec["kv"] else None
-        sweep = generate_budgets(target, ids, pcs, draft=draft, kv=kv, max_new_tokens=n)
-        return [results[0] for results in sweep]
+        return generate_budgets(target, prompts, pcs, draft=draft, kv=kv, max_new_tokens=n)
 
     return run
 
@@ -209,20 +215,22 @@ def _drafter(spec, target, draft):
     from jaxspec.speculative import generate_speculative
 
     drafter = make_drafter(spec["method"], **spec["params"])
-    return lambda ids, n, budgets, shared: [generate_speculative(target, ids, drafter, draft_model=draft,
-                                                                 max_new_tokens=n)]
+    return lambda prompts, n, budgets, shared: [generate_speculative(target, prompts, drafter, draft_model=draft,
+                                                                     max_new_tokens=n)]
 
 
-# kind -> (builder(spec, target, draft) -> run(ids, max_new_tokens, budgets, shared) -> [GenerationResult per
-#          budget], takes budgets); ``shared``: the sample's ``SharedPrefills`` (kv methods reuse target prefills)
+# kind -> (builder(spec, target, draft) -> run(prompts, max_new_tokens, budgets, shared) -> [[GenerationResult
+#          per prompt] per budget], takes budgets); ``shared``: the batch's ``SharedPrefills`` (kv methods reuse
+#          target prefills)
 KINDS: dict[str, tuple[Callable, bool]] = {"full": (_full, False), "kv": (_kv, True), "pc": (_pc, True),
                                            "drafter": (_drafter, False)}
 
 
 def method_runner(spec: dict, target, draft):
-    """``run(ids, max_new_tokens, budgets, shared) -> [GenerationResult per budget]`` for a normalised method
-    entry; the budgets of one call share what their method allows (a prefill, a draft scoring pass), and kv
-    methods share target prefills through ``shared`` (a ``SharedPrefills`` kept for one sample)."""
+    """``run(prompts, max_new_tokens, budgets, shared) -> [[GenerationResult per prompt] per budget]`` for a
+    normalised method entry: one batch of token-id prompts; the budgets of one call share what their method
+    allows (a prefill, a draft scoring pass), and kv methods share target prefills through ``shared`` (a
+    ``SharedPrefills`` kept for one batch)."""
     return KINDS[spec["kind"]][0](spec, target, draft)
 
 
@@ -286,13 +294,15 @@ def grid(cfg: dict):
                 yield d, task, length, range(d.get("samples", cfg["samples"]))
 
 
-def result_record(sample, task, length, spec, budget, result, score) -> dict:
+def result_record(sample, task, length, spec, budget, result, score, batch: int = 1) -> dict:
+    """One line of ``predictions.jsonl``; ``timings`` are those of the whole batch of ``batch`` prompts the
+    record was generated in."""
     rec = {"key": record_key(task, length, spec["name"], budget, sample.index), "dataset": sample.dataset,
            "task": task, "length": length, "method": spec["name"], "budget": budget, "index": sample.index,
            "prompt_tokens": result.prompt_tokens, "new_tokens": len(result.token_ids),
            "finish_reason": result.finish_reason, "prediction": result.text, "answers": sample.answers,
            "score": score, "tokens_per_second": result.tokens_per_second, "timings": result.timings,
-           "meta": {k: v for k, v in sample.meta.items() if k != "all_classes"}, "budget_of": spec["budget_of"]}
+           "meta": {k: v for k, v in sample.meta.items() if k != "all_classes"}, "budget_of": spec["budget_of"], "batch": batch}
     if result.kv:
         rec["kv"] = {k: result.kv[k] for k in ("compressed", "kv_bytes_kept", "kv_bytes_full") if k in result.kv}
     if result.pc:
@@ -336,36 +346,47 @@ def run(cfg: dict, *, on_record: Callable[[dict], None] | None = None, models: t
     else:
         target, draft = models
     runners = {s["name"]: method_runner(s, target, draft) for s in specs}
-    with open(path, "a") as f, tqdm(total=total, initial=total - todo, unit="sample", dynamic_ncols=True) as bar:
-        for d, task, length, index in jobs:
-            missing = {s["name"]: [b for b in s["budgets"] if record_key(task, length, s["name"], b, index) not in done]
-                       for s in specs}
-            if not any(missing.values()):
-                continue
+    size = max(1, int(cfg["batch_size"]))
+    with open(path, "a") as f, tqdm(total=total, initial=total - todo, unit="record", dynamic_ncols=True) as bar:
+        for d, task, length, indices in grid(cfg):
+            missing = {i: {s["name"]: [b for b in s["budgets"] if record_key(task, length, s["name"], b, i) not in done]
+                           for s in specs} for i in indices}
+            pending = [i for i in indices if any(missing[i].values())]
             fmt = PromptFormat(chat=d.get("chat", cfg["chat"]), system=d.get("system", cfg["system"]))
             options = {k: _resolve(v) for k, v in (d.get("options") or {}).items()}
             if d["name"] == "ruler":
                 options.setdefault("seed", cfg["seed"])
-            sample = next(iter(dataset_module(d["name"]).samples(
-                target.tokenizer, task, length=length, indices=[index], fmt=fmt, **options)), None)
-            if sample is None:  # past the end of a finite dataset
-                bar.total -= sum(map(len, missing.values()))
-                continue
-            n_new = min(sample.max_new_tokens, cfg["max_new_tokens"] or sample.max_new_tokens)
-            shared = SharedPrefills()  # SnapKV, PyramidKV and AdaKV, run in a row, prefill once
-            for s in specs:
-                budgets = missing[s["name"]]
-                if not budgets:
-                    continue
-                bar.set_description(f"{task}@{length} {s['name']}" + ("" if budgets == [None] else f"/{budgets}"))
-                for b, result in zip(budgets, runners[s["name"]](sample.ids, n_new, budgets, shared)):
-                    score = metrics.score(sample.dataset, task, result.text or "", sample.answers, sample.meta)
-                    rec = result_record(sample, task, length, s, b, result, score)
-                    append_record(f, rec)
-                    done.add(rec["key"])
-                    bar.update()
-                    if on_record is not None:
-                        on_record(rec)
+            for first in range(0, len(pending), size):
+                chunk = pending[first: first + size]
+                samples = list(dataset_module(d["name"]).samples(target.tokenizer, task, length=length, indices=chunk,
+                                                                 fmt=fmt, **options))
+                for i in set(chunk) - {x.index for x in samples}:  # past the end of a finite dataset
+                    bar.total -= sum(map(len, missing[i].values()))
+                by_n = {}  # one batch per max_new_tokens, so that every record generates what it would alone
+                for x in samples:
+                    by_n.setdefault(min(x.max_new_tokens, cfg["max_new_tokens"] or x.max_new_tokens), []).append(x)
+                for n_new, batch in by_n.items():
+                    shared = SharedPrefills()  # e.g. SnapKV, PyramidKV and AdaKV, run in a row, prefill once
+                    for s in specs:
+                        need = {x.index: missing[x.index][s["name"]] for x in batch}
+                        rows = [x for x in batch if need[x.index]]
+                        budgets = [b for b in s["budgets"] if any(b in need[x.index] for x in rows)]
+                        if not rows:
+                            continue
+                        bar.set_description(f"{task}@{length} {s['name']}" + ("" if budgets == [None] else
+                                                                             f"/{budgets}") + f" x{len(rows)}")
+                        sweep = runners[s["name"]]([x.ids for x in rows], n_new, budgets, shared)
+                        for b, results in zip(budgets, sweep):
+                            for x, result in zip(rows, results):
+                                if b not in need[x.index]:  # done before a restart; recomputed for the batch
+                                    continue
+                                score = metrics.score(x.dataset, task, result.text or "", x.answers, x.meta)
+                                rec = result_record(x, task, length, s, b, result, score, batch=len(rows))
+                                append_record(f, rec)
+                                done.add(rec["key"])
+                                bar.update()
+                                if on_record is not None:
+                                    on_record(rec)
     write_json(out / "metrics.json", metrics.aggregate(read_records(path)))
     return out
 

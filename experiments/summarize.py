@@ -84,7 +84,8 @@ ONE_OFF_TIMINGS = ("load", "compile")
 
 def costs(records: list[dict]) -> str:
     """Markdown: per (dataset, length), the median seconds per record of every timed stage and of their sum,
-    per (method, budget) and, for methods with several budgets, over all of them ("all")."""
+    per (method, budget) and, for methods with several budgets, over all of them ("all"). A record made in a
+    batch of ``batch`` prompts is charged ``1/batch`` of its batch's seconds."""
     import numpy as np
 
     out = []
@@ -93,7 +94,7 @@ def costs(records: list[dict]) -> str:
         stages = list(dict.fromkeys(k for r in group for k in r["timings"] if k not in ONE_OFF_TIMINGS))
         out.append(f"### cost per record, {ds}" + ("" if length is None else f", length {length}") + "\n")
         out.append("median seconds per record (compile and load excluded; a prefill shared by several budgets "
-                   "counts in full in each)\n")
+                   "counts in full in each; a batch's seconds are split evenly among its prompts)\n")
         out.append("| method | budget | records | " + " | ".join(stages) + " | total |")
         out.append("|---|---:|---:|" + "---:|" * (len(stages) + 1))
         by_method = _by(group, ("method",))
@@ -104,9 +105,9 @@ def costs(records: list[dict]) -> str:
             if len(cells) > 1:
                 cells.append(("all", rs))
             for b, sel in cells:
-                med = [np.median([r["timings"].get(k, 0.0) for r in sel]) for k in stages]
+                med = [np.median([r["timings"].get(k, 0.0) / r.get("batch", 1) for r in sel]) for k in stages]
                 total = np.median([sum(v for k, v in r["timings"].items() if k not in ONE_OFF_TIMINGS)
-                                   for r in sel])
+                                   / r.get("batch", 1) for r in sel])
                 out.append(f"| {method} | {'-' if b is None else b} | {len(sel)} | "
                            + " | ".join(_fmt(m) for m in med) + f" | {_fmt(total)} |")
         out.append("")

@@ -327,6 +327,36 @@ def test_resume_after_kill_inside_a_budget_sweep(tmp_path, stories, stage_calls)
     assert {r["key"]: r["prediction"] for r in records} == want
 
 
+@needs_stories
+def test_batched_run_resumes_and_equals_batch_1(tmp_path, stories, stage_calls):
+    cfg = dict(sweep_config(tmp_path / "run", ["full", KV_METHODS[0]], tasks=["niah_single_1"]), samples=3,
+               batch_size=2)
+    seen = []
+
+    def kill_inside_the_first_batch(rec):
+        seen.append(rec)
+        if len(seen) == 3:
+            raise KeyboardInterrupt("killed")
+
+    with pytest.raises(KeyboardInterrupt):
+        run.run(cfg, on_record=kill_inside_the_first_batch, models=(stories, None))
+    assert [(r["index"], r["method"], r["budget"], r["batch"]) for r in seen] == [
+        (0, "full", None, 2), (1, "full", None, 2), (0, "snapkv", 64, 2)]
+    stage_calls.clear()
+    out = run.run(cfg, models=(stories, None))
+    records = run.read_records(out / "predictions.jsonl")
+    keys = Counter(r["key"] for r in records)
+    assert set(keys) == {run.record_key("niah_single_1", 384, m, b, i) for i in range(3)
+                         for m, b in (("full", None), ("snapkv", 64), ("snapkv", 128))}
+    assert set(keys.values()) == {1}
+    # the restart: batch [0, 1] runs snapkv's two budgets (sample 0 needs only 128), batch [2] runs both
+    assert stage_calls["prefill"] == 2 and stage_calls["compress_cache"] == 2 + 2
+    assert {r["batch"] for r in records if r["index"] == 2} == {1}
+    fresh = run.run(dict(cfg, out=str(tmp_path / "fresh"), batch_size=1), models=(stories, None))
+    want = {r["key"]: r["prediction"] for r in run.read_records(fresh / "predictions.jsonl")}
+    assert {r["key"]: r["prediction"] for r in records} == want
+
+
 PC_METHODS = [
     {"name": "specpc", "params": {"window_size": 16, "kernel_size": 8, "lookahead_tokens": 2, "starting_layer_index": 0}},
     "recency",
