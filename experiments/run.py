@@ -15,7 +15,8 @@ budgets, lengths); it refuses a change of model, prompt format, seed or dataset 
 Methods: an entry of ``methods`` is a name or ``{name, kind?, method?, params?, budgets?, kv?, kv_params?,
 budget?}``, turned into ``jaxspec`` calls by ``method_runner``:
 
-* ``full``: plain ``jaxspec.generate`` (no budget);
+* ``full``: the whole prompt's cache (``jaxspec.kv``'s ``full`` through ``jaxspec.kv.pipeline``: the greedy decode
+  of ``jaxspec.generate``, whose plain target prefill StreamingLLM reuses; no budget);
 * ``kv``: a ``jaxspec.kv`` method (``method``, default ``name``; ``streamingllm``, ``snapkv``, ``speckv`` ...) with
   ``capacity`` = the budget (``jaxspec.kv.pipeline.generate_budgets``, which is ``jaxspec.generate(kv=...,
   draft=...)`` per budget with the draft lookahead and the target prefill shared by the budgets);
@@ -41,8 +42,8 @@ missing). A record's ``timings`` are its batch's and ``batch`` says how many pro
 prefill is compute-bound, so batches save the decode and the draft lookahead; on a GPU the whole grid runs
 about ``batch_size`` times faster until the accelerator is busy.
 KV methods of one batch also share target prefills with the methods run just before them where the prefill
-is the same program on the same input (``jaxspec.kv.pipeline.SharedPrefills``): SnapKV, PyramidKV and AdaKV
-listed in a row prefill once a batch.
+is the same program on the same input (``jaxspec.kv.pipeline.SharedPrefills``): ``full`` and StreamingLLM
+listed in a row prefill once a batch, and so do SnapKV, PyramidKV and AdaKV.
 
 Not shared: the draft passes of different methods of one batch (SpecKV's lookahead of ``max_new_tokens``
 tokens and SpecPC's attention pass over the prompt with its 1 or 20 tokens are different programs; only
@@ -172,12 +173,6 @@ def _capacity(budget) -> dict:
     return {} if budget is None else {"capacity": budget}
 
 
-def _full(spec, target, draft):
-    import jaxspec
-
-    return lambda prompts, n, budgets, shared: [jaxspec.generate(target, prompts, max_new_tokens=n)]
-
-
 def _kv(spec, target, draft):
     from jaxspec.api import prepare_request
     from jaxspec.generation import Sampling
@@ -222,7 +217,7 @@ def _drafter(spec, target, draft):
 # kind -> (builder(spec, target, draft) -> run(prompts, max_new_tokens, budgets, shared) -> [[GenerationResult
 #          per prompt] per budget], takes budgets); ``shared``: the batch's ``SharedPrefills`` (kv methods reuse
 #          target prefills)
-KINDS: dict[str, tuple[Callable, bool]] = {"full": (_full, False), "kv": (_kv, True), "pc": (_pc, True),
+KINDS: dict[str, tuple[Callable, bool]] = {"full": (_kv, False), "kv": (_kv, True), "pc": (_pc, True),
                                            "drafter": (_drafter, False)}
 
 

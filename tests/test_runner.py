@@ -114,13 +114,15 @@ def test_resume_after_kill(tmp_path, stories):
 
 
 @needs_stories
-def test_end_to_end_grid_tables_and_plots(tmp_path, stories):
+def test_end_to_end_grid_tables_and_plots(tmp_path, stories, stage_calls):
     out = run.run(tiny_config(tmp_path / "run"), models=(stories, None))
+    assert stage_calls["prefill"] == 2 * 2  # per sample: full's plain prefill serves StreamingLLM's budgets
     assert {p.name for p in out.iterdir()} >= {"config.yaml", "env.json", "predictions.jsonl", "metrics.json"}
     env = json.loads((out / "env.json").read_text())
     assert env["jax"] and env["devices"] and "git_commit" in env and env["machine"]["cpus"]
     records = run.read_records(out / "predictions.jsonl")
     assert len(records) == 2 * 2 * 3  # 2 tasks x 2 samples x (full + 2 streamingllm budgets)
+    assert all(r["prediction"] == unshared(stories, r) for r in records if r["method"] == "full")
     squeezed = [r for r in records if r["method"] == "streamingllm"]
     assert all(r["kv"]["kv_bytes_kept"] < r["kv"]["kv_bytes_full"] for r in squeezed)
     assert all(0.0 <= r["score"] <= 1.0 and r["prompt_tokens"] + 128 <= 384 for r in records if r["task"] != "vt")
@@ -349,8 +351,8 @@ def test_batched_run_resumes_and_equals_batch_1(tmp_path, stories, stage_calls):
     assert set(keys) == {run.record_key("niah_single_1", 384, m, b, i) for i in range(3)
                          for m, b in (("full", None), ("snapkv", 64), ("snapkv", 128))}
     assert set(keys.values()) == {1}
-    # the restart: batch [0, 1] runs snapkv's two budgets (sample 0 needs only 128), batch [2] runs both
-    assert stage_calls["prefill"] == 2 and stage_calls["compress_cache"] == 2 + 2
+    # the restart: batch [0, 1] runs snapkv's two budgets (sample 0 needs only 128), batch [2] full and both
+    assert stage_calls["prefill"] == 1 + 2 and stage_calls["compress_cache"] == 2 + 2
     assert {r["batch"] for r in records if r["index"] == 2} == {1}
     fresh = run.run(dict(cfg, out=str(tmp_path / "fresh"), batch_size=1), models=(stories, None))
     want = {r["key"]: r["prediction"] for r in run.read_records(fresh / "predictions.jsonl")}
