@@ -198,6 +198,40 @@ def test_compressed_cache_keeps_original_positions_and_entries(target, prompts):
     assert np.asarray(c.next_pos).tolist() == list(LENGTHS)
 
 
+@pytest.mark.parametrize("kv", [SnapKV(capacity=C, window_size=W, kernel_size=K),
+                                AdaKV(capacity=C, window_size=9, kernel_size=K, reduction_type="max"),
+                                SpecKV(capacity=C, window_size=W, kernel_size=K)], ids=lambda m: m.name)
+def test_suffix_scores_equal_the_one_pass_capture(target, prompts, kv):
+    """``score_suffix`` (the captured rows fed again on the plain prefill's cache) gives the one-pass
+    ``prefill`` capture's scores on every prompt slot, for rows of different lengths, a row shorter than the
+    window (captured rows at negative positions) and lookaheads of different lengths."""
+    from jaxspec.generation import pad_prompts
+    from jaxspec.kv.full import Full
+    from jaxspec.kv.pipeline import prefill, rescore, score_suffix
+
+    model, _ = target
+    cfg = model.config
+    rows = prompts + [prompts[0][:5]]
+    batch = pad_prompts(rows, 0)
+    B, T = batch.tokens.shape
+    look = look_len = None
+    if kv.lookahead:
+        look = jnp.asarray(np.random.default_rng(5).integers(3, 101, (B, 8)), jnp.int32)
+        look_len = jnp.asarray([8, 3, 5, 1], jnp.int32)
+    Ls = 0 if look is None else look.shape[1]
+    assert rescore(kv, batch.lengths, look_len, Ls, T)
+    _, _, want = prefill(model.params, batch.tokens, batch.lengths, look, look_len,
+                                  KVCache.create(cfg, B, T + Ls), cfg=cfg, method=kv)
+    _, plain, _ = prefill(model.params, batch.tokens, batch.lengths, None, None, KVCache.create(cfg, B, T), cfg=cfg,
+                          method=Full())
+    got = score_suffix(model.params, plain, batch.tokens, batch.lengths, look, look_len, cfg=cfg, method=kv)
+    assert got.shape == want.shape[:3] + (T,)
+    for b, ids in enumerate(rows):
+        np.testing.assert_allclose(np.asarray(got[:, b, :, : len(ids)]), np.asarray(want[:, b, :, : len(ids)]),
+                                   rtol=1e-5, atol=1e-6)
+        assert np.asarray(got[:, b, :, : len(ids)]).sum() > 0
+
+
 @pytest.mark.parametrize("name", [m for m in METHODS if m != "full"])
 def test_capacity_covering_the_prompt_equals_full_and_skips_the_draft(target, draft, prompts, name):
     model, _ = target

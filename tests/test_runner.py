@@ -180,7 +180,8 @@ def test_kv_budget_sweep_equals_compress_per_capacity(tiny_pair, stage_calls, na
     prompts = tiny_prompts()
     methods = [make_method(name, capacity=c, window_size=4, kernel_size=3) for c in (16, 24, 64)]  # 64: keeps all
     swept = compress_budgets(target, prompts, methods, draft=use_draft, max_new_tokens=5)
-    assert stage_calls["prefill"] == 2 and stage_calls["compress_cache"] == 2  # one scored + one plain prefill
+    # one plain prefill (serving capacity 64 too), scored by feeding the window (and lookahead) rows again
+    assert stage_calls["prefill"] == 1 and stage_calls["score_suffix"] == 1 and stage_calls["compress_cache"] == 2
     assert stage_calls["generate_tokens"] == (1 if name == "speckv" else 0)
     for m, got in zip(methods, swept):
         want = compress(target, prompts, m, draft=use_draft, max_new_tokens=5)
@@ -194,9 +195,9 @@ def test_kv_budget_sweep_equals_compress_per_capacity(tiny_pair, stage_calls, na
 
 
 def test_kv_methods_share_prefills_through_shared_prefills(tiny_pair, stage_calls):
-    """StreamingLLM's prefill is the plain one; SnapKV, PyramidKV and AdaKV with equal windows capture the same
-    scores: run in a row on one batch they prefill twice in all (plain + window), H2O once more, and each
-    result equals the method's own sweep."""
+    """StreamingLLM's prefill is the plain one; SnapKV, PyramidKV and AdaKV with equal windows score the same
+    rows: run in a row on one batch they prefill once in all and score once, H2O prefills once more
+    (capturing every row), and each result equals the method's own sweep."""
     import numpy as np
 
     from jaxspec.kv import make_method
@@ -210,7 +211,7 @@ def test_kv_methods_share_prefills_through_shared_prefills(tiny_pair, stage_call
                   for c in (16, 24, 64)] for n in names}
     shared = SharedPrefills()
     got = {n: compress_budgets(target, prompts, sweeps[n], shared=shared) for n in names}
-    assert stage_calls["prefill"] == 3 and len(shared) == 2
+    assert stage_calls["prefill"] == 2 and stage_calls["score_suffix"] == 1 and len(shared) == 2
     stage_calls.clear()
     for n in names:
         want = compress_budgets(target, prompts, sweeps[n])
@@ -219,7 +220,7 @@ def test_kv_methods_share_prefills_through_shared_prefills(tiny_pair, stage_call
             for x, y in [(a.cache.k, b.cache.k), (a.cache.v, b.cache.v), (a.cache.pos, b.cache.pos),
                          (a.logits, b.logits)]:
                 assert np.array_equal(np.asarray(x), np.asarray(y)), n
-    assert stage_calls["prefill"] == 9  # alone: a scored and a plain prefill each, StreamingLLM only the plain
+    assert stage_calls["prefill"] == 6  # alone: a plain prefill each, H2O also its scored one
 
 
 def test_kv_budget_sweep_splits_the_prefill_where_speckv_sparse_rows_differ(tiny_pair, stage_calls):
@@ -293,7 +294,8 @@ def test_kv_budgets_share_one_prefill_per_sample(tmp_path, stories, stage_calls)
     records = run.read_records(out / "predictions.jsonl")
     assert len(records) == 2 * 2 * 2  # 2 tasks x 1 sample x 2 methods x 2 budgets
     assert all(r["kv"]["compressed"] and r["budget_of"] == "kv" for r in records)
-    assert stage_calls["prefill"] == 2 * 2  # per (sample, method), not per budget
+    assert stage_calls["prefill"] == 2  # per sample: the plain prefill, which each method scores once
+    assert stage_calls["score_suffix"] == 2 * 2
     assert stage_calls["generate_tokens"] == 2  # speckv's draft lookahead, once per sample
     assert stage_calls["compress_cache"] == len(records)
     stage_calls.clear()
@@ -351,8 +353,9 @@ def test_batched_run_resumes_and_equals_batch_1(tmp_path, stories, stage_calls):
     assert set(keys) == {run.record_key("niah_single_1", 384, m, b, i) for i in range(3)
                          for m, b in (("full", None), ("snapkv", 64), ("snapkv", 128))}
     assert set(keys.values()) == {1}
-    # the restart: batch [0, 1] runs snapkv's two budgets (sample 0 needs only 128), batch [2] full and both
-    assert stage_calls["prefill"] == 1 + 2 and stage_calls["compress_cache"] == 2 + 2
+    # the restart: batch [0, 1] runs snapkv's two budgets (sample 0 needs only 128), batch [2] full and both;
+    # one plain prefill a batch (batch [2]'s serves full and snapkv)
+    assert stage_calls["prefill"] == 1 + 1 and stage_calls["compress_cache"] == 2 + 2
     assert {r["batch"] for r in records if r["index"] == 2} == {1}
     fresh = run.run(dict(cfg, out=str(tmp_path / "fresh"), batch_size=1), models=(stories, None))
     want = {r["key"]: r["prediction"] for r in run.read_records(fresh / "predictions.jsonl")}

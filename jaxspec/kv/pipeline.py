@@ -7,7 +7,11 @@ arrays, the method config and the model config are static):
    target) on the prompt, ``bucket(lookahead_tokens)`` steps, stopping per row at a stop id;
 2. ``prefill``: the target prefill on the right-padded prompt (⊕ lookahead) into a donated empty cache,
    capturing the method's window attention (``jaxspec.select.window_scores``); for SpecKV above
-   ``prefill_window_size + prefill_vertical_size`` tokens, vertical-slash sparse (``method.sparse_prefill``);
+   ``prefill_window_size + prefill_vertical_size`` tokens, vertical-slash sparse (``method.sparse_prefill``).
+   Where the captured rows are a short suffix and the prefill is dense (``rescore``: SnapKV, PyramidKV, AdaKV,
+   SpecKV), the cache comes from the plain prefill of the prompt alone and ``score_suffix`` feeds only those
+   rows (the window, SpecKV's lookahead) again to score it: the same scores up to float rounding, and one
+   plain prefill serves every such method (and ``full``, StreamingLLM) of a batch;
 3. ``compress_cache``: pooling, top-k, budget masks, gather into the compressed cache (static capacity
    ``method.slots``), and for SpecKV the re-feed of the final prompt token at position ``n - 1``;
 4. ``decode_compressed``: the compressed cache grown by the decode steps, then ``decode_loop``.
@@ -16,7 +20,7 @@ A batch whose prompts all fit in ``capacity`` is not compressed at all (and no l
 in a mixed batch the short rows keep every entry. ``Compressed`` (the output of ``compress``) is not
 consumed by ``decode``, so one compressed prompt can be decoded many times. A budget sweep
 (``compress_budgets`` / ``generate_budgets``: configs differing only in ``capacity``) runs stages 1 and 2
-once and stage 3 once per capacity.
+once and stage 3 once per capacity; ``SharedPrefills`` shares stage 2 between methods.
 """
 
 from __future__ import annotations
@@ -36,7 +40,7 @@ from jaxspec.generation import FINISH_NAMES, Sampling, bucket, decode_loop, gene
 from jaxspec.kv.base import Method
 from jaxspec.kv.full import Full
 from jaxspec.models.config import ModelConfig
-from jaxspec.models.transformer import forward
+from jaxspec.models.transformer import AttnCapture, forward
 from jaxspec.select import gather, query_rows, window_scores
 from jaxspec.sharding import to_host
 
@@ -54,17 +58,9 @@ def prefill(params, tokens, lengths, look, look_len, cache, *, cfg: ModelConfig,
     ``look_len[b]`` lookahead tokens ``look [B, Ls]`` when ``look`` is given, into the empty ``cache`` of
     capacity ``T + Ls`` (an argument, not a constant: XLA would try to constant-fold the attention to an
     empty cache). Returns ``(last_logits [B, V], cache, scores [L, B, Hkv, T + Ls])``; slot = position."""
-    B, T = tokens.shape
-    n = lengths[:, None]
-    if look is None:
-        buf, valid, Ls = tokens, jnp.arange(T)[None] < n, 0
-    else:
-        Ls = look.shape[1]
-        j = jnp.broadcast_to(jnp.arange(T + Ls)[None], (B, T + Ls))
-        from_prompt = jnp.take_along_axis(tokens, jnp.minimum(j, T - 1), axis=1)
-        from_look = jnp.take_along_axis(look, jnp.clip(j - n, 0, Ls - 1), axis=1)
-        buf = jnp.where(j < n, from_prompt, from_look)
-        valid = j < n + look_len[:, None]
+    T = tokens.shape[1]
+    Ls = 0 if look is None else look.shape[1]
+    buf, valid = buffer_tokens(tokens, lengths, look, look_len)
     positions = jnp.where(valid, jnp.arange(buf.shape[1])[None], -1)
     capture = method.capture()
     if capture is None:
@@ -75,6 +71,64 @@ def prefill(params, tokens, lengths, look, look_len, cache, *, cfg: ModelConfig,
     index, weight = query_rows(start, count, num, queries)
     return window_scores(params, cfg, buf, positions, cache, index, weight, group=group, queries=queries,
                          sparse=method.sparse_prefill(lengths, look_len, T + Ls))
+
+
+def buffer_tokens(tokens, lengths, look, look_len):
+    """Row ``b`` of ``tokens [B, T]`` (valid up to ``lengths[b]``) followed by its ``look_len[b]`` lookahead
+    tokens ``look [B, Ls]``, as ``(buf [B, T + Ls], valid [B, T + Ls])``, slot = position."""
+    B, T = tokens.shape
+    n = lengths[:, None]
+    if look is None:
+        return tokens, jnp.arange(T)[None] < n
+    Ls = look.shape[1]
+    j = jnp.broadcast_to(jnp.arange(T + Ls)[None], (B, T + Ls))
+    from_prompt = jnp.take_along_axis(tokens, jnp.minimum(j, T - 1), axis=1)
+    from_look = jnp.take_along_axis(look, jnp.clip(j - n, 0, Ls - 1), axis=1)
+    return jnp.where(j < n, from_prompt, from_look), j < n + look_len[:, None]
+
+
+def rescore(method: Method, lengths, look_len, Ls: int, T: int) -> bool:
+    """Whether ``method``'s scores come from ``score_suffix`` on the plain prefill (True) or from its own
+    capturing ``prefill`` (False): when it captures a suffix of at most half the buffer (SnapKV and its
+    kin, SpecKV: its window and lookahead) and its prefill is dense. H2O captures every row; SpecKV's sparse
+    prefill needs the scores inside every layer of the pass that fills the cache."""
+    capture = method.capture()
+    if capture is None or method.sparse_prefill(lengths, look_len, T + Ls) is not None:
+        return False
+    return 2 * method.query_rows(lengths, look_len, Ls, T)[2] <= T + Ls
+
+
+@functools.partial(jax.jit, static_argnames=("cfg", "method"))
+def score_suffix(params, cache, tokens, lengths, look, look_len, *, cfg: ModelConfig, method: Method):
+    """The scores of ``prefill(..., method=method)`` (``[L, B, Hkv, T]``, slot = position, prompt slots only)
+    from the plain prefill's ``cache`` of ``tokens [B, T]``: only the captured query rows ``start + i`` (a
+    suffix of prompt ⊕ lookahead, ``method.query_rows``) are fed again, at their positions, against the cache
+    entries before ``start``; the math of the one-pass capture, at a fraction of its cost (``num`` rows
+    instead of ``T + Ls``), equal to it up to float rounding. ``cache`` is not changed."""
+    T = tokens.shape[1]
+    Ls = 0 if look is None else look.shape[1]
+    group, queries = method.capture()
+    start, count, num = method.query_rows(lengths, look_len, Ls, T)
+    _, weight = query_rows(start, count, num, queries)
+    i = jnp.arange(num)[None]
+    qpos = start[:, None] + i
+    buf, valid = buffer_tokens(tokens, lengths, look, look_len)
+    live = (i < count[:, None]) & (qpos >= 0)
+    live &= jnp.take_along_axis(valid, jnp.clip(qpos, 0, T + Ls - 1), axis=1)
+    chunk = jnp.take_along_axis(buf, jnp.clip(qpos, 0, T + Ls - 1), axis=1)
+    lo = jnp.maximum(start, 0)
+    before = grow(cache, num)
+    before = before.replace(pos=jnp.where(before.pos >= lo[None, :, None, None], -1, before.pos))
+    capture = AttnCapture(num, group=group, queries=queries)
+    index = jnp.where(live, i, jnp.argmax(live, axis=1)[:, None])  # weight-0 rows read a live one: no NaN
+    _, _, aux = forward(params, cfg, chunk, jnp.where(live, qpos, -1), before, last_only=True, capture=capture,
+                        capture_index=index, capture_weight=weight)
+    attn = aux["attn"]  # keys: the cache's T + num slots, then the num fed rows
+    j = jnp.arange(T)[None]
+    src = jnp.where(j < lo[:, None], j, before.capacity + j - start[:, None])  # slot j, or fed row j - start
+    src = jnp.clip(src, 0, attn.shape[-1] - 1)
+    got = jnp.take_along_axis(attn, jnp.broadcast_to(src[None, :, None], attn.shape[:3] + (T,)), axis=-1)
+    return jnp.where(((j < lo[:, None]) | (j - start[:, None] < num))[None, :, None], got, 0.0)
 
 
 @functools.partial(jax.jit, static_argnames=("cfg", "method", "k"))
@@ -157,8 +211,8 @@ def compress(target: Model, prompts: list[list[int]], kv: Method, *, draft: Mode
 class SharedPrefills(collections.OrderedDict):
     """Target prefills shared between the kv methods run on one batch (``compress_budgets(shared=...)``): the
     ``size`` most recently used are kept, since each holds a cache of the whole prompt (two serve methods
-    that run one after another, e.g. SnapKV, PyramidKV and AdaKV: their scored prefill and the plain one of
-    capacities that hold the prompt)."""
+    that run one after another: the plain prefill, and the scores of SnapKV, PyramidKV and AdaKV or of
+    H2O's own prefill)."""
 
     def __init__(self, size: int = 2):
         super().__init__()
@@ -215,8 +269,9 @@ def compress_budgets(target: Model, prompts: list[list[int]], methods: list[Meth
 
     ``shared``: a mapping the caller keeps across calls (e.g. a ``SharedPrefills``) to share target prefills
     between *methods* too: a prefill is reused wherever the prompts, the lookahead tokens and the
-    ``prefill_key`` are equal (SnapKV, PyramidKV and AdaKV with equal windows share one; StreamingLLM shares
-    the plain prefill of capacities that hold the prompt). Results are the same as without it."""
+    ``prefill_key`` are equal (SnapKV, PyramidKV and AdaKV with equal windows share their scores), and the
+    plain prefill wherever the prompts are (``full``, StreamingLLM, and every method scored by
+    ``score_suffix``). Results are the same as without it."""
     check_budget_sweep(methods)
     check_draft(methods[0], target, draft)
     cfg = target.config
@@ -232,8 +287,14 @@ def compress_budgets(target: Model, prompts: list[list[int]], methods: list[Meth
     def prefilled(key, method, look, look_len, Ls):
         """The target prefill of ``key`` (run once per key): ``(logits, cache, scores, its timings)``."""
         if key not in scored:
-            if key not in shared:
-                t: dict[str, float] = {}
+            if key not in shared and key[2] is not None and rescore(method, batch.lengths, look_len, Ls, T):
+                logits, cache, _, plain = prefilled((inputs, None, None), Full(), None, None, 0)
+                t = dict(plain)
+                args = (target.params, cache, batch.tokens, batch.lengths, look, look_len)
+                shared[key] = (logits, cache, _run(score_suffix, args, {"cfg": cfg, "method": method}, t, "prefill"),
+                               t)
+            elif key not in shared:
+                t = {}
                 empty = KVCache.create(cfg, len(prompts), T + Ls)
                 shared[key] = (*_run(prefill, (target.params, batch.tokens, batch.lengths, look, look_len, empty),
                                      {"cfg": cfg, "method": method}, t, "prefill"), t)
