@@ -168,7 +168,7 @@ def tiny_prompts():
     return [rng.integers(3, 101, n).tolist() for n in (40, 12, 57)]
 
 
-@pytest.mark.parametrize("name", ["snapkv", "pyramidkv", "adakv", "speckv"])
+@pytest.mark.parametrize("name", ["snapkv", "pyramidkv", "adakv", "speckv", "speckv-oracle"])
 def test_kv_budget_sweep_equals_compress_per_capacity(tiny_pair, stage_calls, name):
     import numpy as np
 
@@ -183,6 +183,7 @@ def test_kv_budget_sweep_equals_compress_per_capacity(tiny_pair, stage_calls, na
     # one plain prefill (serving capacity 64 too), scored by feeding the window (and lookahead) rows again
     assert stage_calls["prefill"] == 1 and stage_calls["score_suffix"] == 1 and stage_calls["compress_cache"] == 2
     assert stage_calls["generate_tokens"] == (1 if name == "speckv" else 0)
+    assert stage_calls["decode_compressed"] == (1 if name == "speckv-oracle" else 0)  # its answer: from the plain
     for m, got in zip(methods, swept):
         want = compress(target, prompts, m, draft=use_draft, max_new_tokens=5)
         assert got.method == m and got.compressed == want.compressed and got.lookahead == want.lookahead

@@ -3,8 +3,9 @@
 Stages (each one jitted and compiled once per bucket through ``jaxspec.api.COMPILED``; lengths are
 arrays, the method config and the model config are static):
 
-1. lookahead (SpecKV only): greedy ``generate_tokens`` of the draft (or, for ``speckv-oracle``, the
-   target) on the prompt, ``bucket(lookahead_tokens)`` steps, stopping per row at a stop id;
+1. lookahead (SpecKV only): greedy ``generate_tokens`` of the draft on the prompt (for ``speckv-oracle``, the
+   target's ``decode_compressed`` from the plain prefill of stage 2), ``bucket(lookahead_tokens)`` steps,
+   stopping per row at a stop id;
 2. ``prefill``: the target prefill on the right-padded prompt (⊕ lookahead) into a donated empty cache,
    capturing the method's window attention (``jaxspec.select.window_scores``); for SpecKV above
    ``prefill_window_size + prefill_vertical_size`` tokens, vertical-slash sparse (``method.sparse_prefill``).
@@ -314,11 +315,18 @@ def compress_budgets(target: Model, prompts: list[list[int]], methods: list[Meth
         elif method.lookahead:
             steps = method.lookahead_tokens or max_new_tokens
             Ls = bucket(steps)
-            source = target if draft is None else draft
-            args = (source.params, batch.tokens, batch.lengths, KVCache.create(source.config, len(prompts), T + Ls),
-                    jax.random.PRNGKey(0), jnp.int32(steps), _stops(stop_ids), Sampling.make(0.0))
-            out = _run(generate_tokens, args, {"cfg": source.config, "max_steps": Ls, "pad_id": pad_id}, lead,
-                       "draft")
+            if draft is None:  # the target's own answer (speckv-oracle): greedy from the shared plain prefill,
+                # whose seconds count in "draft" too (as generating the answer from scratch would)
+                logits, cache, _, plain = prefilled((inputs, None, None), Full(), None, None, 0)
+                args = (target.params, cache, logits, batch.lengths, jax.random.PRNGKey(0), jnp.int32(steps),
+                        _stops(stop_ids), Sampling.make(0.0))
+                out = _run(decode_compressed, args, {"cfg": cfg, "max_steps": Ls, "pad_id": pad_id}, lead, "draft")
+                lead["draft"] += plain["prefill"]
+            else:
+                args = (draft.params, batch.tokens, batch.lengths, KVCache.create(draft.config, len(prompts), T + Ls),
+                        jax.random.PRNGKey(0), jnp.int32(steps), _stops(stop_ids), Sampling.make(0.0))
+                out = _run(generate_tokens, args, {"cfg": draft.config, "max_steps": Ls, "pad_id": pad_id}, lead,
+                           "draft")
             look, look_len = out.tokens, out.num_generated
             lookahead = [r[:m].tolist() for r, m in zip(to_host(look), to_host(look_len))]
         Ls = 0 if look is None else look.shape[1]
