@@ -16,6 +16,7 @@ bandwidth measured in the same run). Both programs must emit the same tokens.
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 import time
 
@@ -39,6 +40,7 @@ def main(argv=None) -> dict:
     from jaxspec.generation import Sampling, decode_loop
     from jaxspec.models import cpu_kernels
 
+    os.environ["JAXSPEC_CPU_KERNELS"] = "1"  # compared with XLA on any CPU, also where they are off by default
     if not cpu_kernels.load():
         sys.exit(f"the CPU kernels are unavailable: {cpu_kernels._state['error']}")
     model = jaxspec.load(args.model, quiet=True)

@@ -18,12 +18,14 @@ against the running jaxlib's FFI headers, for this CPU (``-march=native``), into
 ``$JAXSPEC_CACHE/kernels`` (default ``~/.cache/jaxspec/kernels``) under a name that hashes the source,
 jaxlib's version, the compiler and the CPU's flags, written atomically; later processes load it. Without a
 compiler, or if the build fails, models fall back to XLA's dots with one warning (the results are the same up
-to summation order). ``JAXSPEC_CPU_KERNELS=0`` turns the kernels off (read when a function is traced).
+to summation order). They are on where they win, CPUs with AVX-512 (``suited``); ``JAXSPEC_CPU_KERNELS=0``
+turns them off, ``=1`` on anywhere (read when a function is traced).
 """
 
 from __future__ import annotations
 
 import ctypes
+import functools
 import hashlib
 import math
 import os
@@ -50,8 +52,18 @@ _state: dict = {"loaded": None, "error": None}  # loaded: None = not tried, True
 
 
 def enabled() -> bool:
-    """The kernel is on unless ``JAXSPEC_CPU_KERNELS=0``."""
-    return os.environ.get("JAXSPEC_CPU_KERNELS", "1") != "0"
+    """Whether the kernels are on: ``JAXSPEC_CPU_KERNELS=1`` forces them on, ``0`` off; unset (or ``auto``)
+    means on where they were built for (``suited()``)."""
+    mode = os.environ.get("JAXSPEC_CPU_KERNELS", "auto")
+    return mode == "1" or (mode not in ("0", "1") and suited())
+
+
+def suited() -> bool:
+    """Whether this CPU has AVX-512 (x86 ``avx512f``): the kernels keep 4 x 6 blocks of 16-lane accumulators
+    in registers, which 32 AVX-512 registers hold. With AVX2 (16 registers of 8 lanes) they spill, and on a
+    2-core AMD EPYC (AVX2) the small-row matmul measured slower than XLA's dot at every row count: 1.3x at 1
+    row, 5.8x at 9 (``experiments/bench_matmul_layout.py``, docs/results.md)."""
+    return "avx512f" in _cpu_flags().split()
 
 
 def _compiler() -> str | None:
@@ -61,6 +73,7 @@ def _compiler() -> str | None:
     return None
 
 
+@functools.lru_cache(maxsize=1)
 def _cpu_flags() -> str:
     try:
         for line in Path("/proc/cpuinfo").read_text().splitlines():

@@ -14,10 +14,30 @@ from jaxspec.models import cpu_kernels
 pytestmark = pytest.mark.skipif(jax.default_backend() != "cpu", reason="a CPU-backend kernel")
 
 
+@pytest.fixture(autouse=True)
+def forced_on(monkeypatch):
+    """The kernels are tested on every CPU, also where ``enabled()`` would leave them off by default (no
+    AVX-512: slower there, not wrong)."""
+    monkeypatch.setenv("JAXSPEC_CPU_KERNELS", "1")
+
+
 @pytest.fixture(scope="module")
 def kernel():
     if not cpu_kernels.load():
         pytest.skip(f"kernel unavailable: {cpu_kernels._state['error']}")
+
+
+def test_default_is_on_only_with_avx512(monkeypatch):
+    monkeypatch.delenv("JAXSPEC_CPU_KERNELS")
+    for flags, on in (("flags\t: fpu sse2 avx avx2 fma", False), ("flags\t: fpu avx2 avx512f avx512bw", True),
+                      ("Features\t: fp asimd", False)):
+        monkeypatch.setattr(cpu_kernels, "_cpu_flags", lambda flags=flags: flags)
+        assert cpu_kernels.suited() is on and cpu_kernels.enabled() is on
+        monkeypatch.setenv("JAXSPEC_CPU_KERNELS", "1")
+        assert cpu_kernels.enabled()
+        monkeypatch.setenv("JAXSPEC_CPU_KERNELS", "0")
+        assert not cpu_kernels.enabled()
+        monkeypatch.delenv("JAXSPEC_CPU_KERNELS")
 
 
 def _ref(x, w):
