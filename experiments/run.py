@@ -289,9 +289,9 @@ def grid(cfg: dict):
                 yield d, task, length, range(d.get("samples", cfg["samples"]))
 
 
-def result_record(sample, task, length, spec, budget, result, score, batch: int = 1) -> dict:
+def result_record(sample, task, length, spec, budget, result, score, batch: int = 1, tokenizer=None) -> dict:
     """One line of ``predictions.jsonl``; ``timings`` are those of the whole batch of ``batch`` prompts the
-    record was generated in."""
+    record was generated in. With ``tokenizer``, a lookahead (SpecKV's, SpecPC's) is kept as text."""
     rec = {"key": record_key(task, length, spec["name"], budget, sample.index), "dataset": sample.dataset,
            "task": task, "length": length, "method": spec["name"], "budget": budget, "index": sample.index,
            "prompt_tokens": result.prompt_tokens, "new_tokens": len(result.token_ids),
@@ -304,6 +304,10 @@ def result_record(sample, task, length, spec, budget, result, score, batch: int 
     if result.pc:
         rec["pc"] = {k: result.pc[k] for k in ("compressed", "tokens_in", "tokens_out", "lookahead_tokens")
                      if k in result.pc}
+    for part in ("kv", "pc"):
+        acc = getattr(result, part)
+        if acc and "lookahead" in acc and tokenizer is not None:
+            rec[part]["lookahead"] = tokenizer.decode(acc["lookahead"], skip_special_tokens=False)
     if getattr(result, "accepted_per_step", None):
         rec["accepted_mean"] = result.accepted_per_step["mean"]
         rec["accepted_hist"] = result.accepted_per_step["histogram"]
@@ -377,7 +381,8 @@ def run(cfg: dict, *, on_record: Callable[[dict], None] | None = None, models: t
                                 if b not in need[x.index]:  # done before a restart; recomputed for the batch
                                     continue
                                 score = metrics.score(x.dataset, task, result.text or "", x.answers, x.meta)
-                                rec = result_record(x, task, length, s, b, result, score, batch=len(rows))
+                                rec = result_record(x, task, length, s, b, result, score, batch=len(rows),
+                                                    tokenizer=target.tokenizer)
                                 append_record(f, rec)
                                 done.add(rec["key"])
                                 bar.update()

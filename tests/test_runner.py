@@ -272,13 +272,15 @@ def sweep_config(out: Path, methods: list, tasks=("niah_single_1", "vt")) -> dic
                             f"datasets.0.tasks={json.dumps(list(tasks))}"])
 
 
-def unshared(stories, rec, **kw):
-    """The record's prediction recomputed alone with ``jaxspec.generate`` (no sharing across budgets)."""
+def unshared(stories, rec, return_ids=False, **kw):
+    """The record's prediction recomputed alone with ``jaxspec.generate`` (no sharing across budgets): its
+    text, or with ``return_ids`` its token ids."""
     import jaxspec
     from experiments.data import PromptFormat, ruler
 
     sample = ruler.sample(stories.tokenizer, rec["task"], rec["length"], rec["index"], fmt=PromptFormat(chat=False))
-    return jaxspec.generate(stories, sample.ids, max_new_tokens=8, **kw).text
+    result = jaxspec.generate(stories, sample.ids, max_new_tokens=8, **kw)
+    return list(result.token_ids) if return_ids else result.text
 
 
 KV_METHODS = [{"name": "snapkv", "params": {"window_size": 8}},
@@ -304,6 +306,11 @@ def test_kv_budgets_share_one_prefill_per_sample(tmp_path, stories, stage_calls)
         spec = next(m for m in KV_METHODS if m["name"] == rec["method"])
         kv = make_method(spec["name"], **spec["params"], capacity=rec["budget"])
         assert rec["prediction"] == unshared(stories, rec, kv=kv, draft=stories if kv.needs_draft else None), rec["key"]
+        if kv.needs_draft:  # the record keeps the draft's lookahead: here the same model's first 4 greedy tokens
+            plain = unshared(stories, rec, return_ids=True)[:4]
+            assert rec["kv"]["lookahead"] == stories.tokenizer.decode(plain, skip_special_tokens=False)
+        else:
+            assert "lookahead" not in rec["kv"]
 
 
 @needs_stories
@@ -398,6 +405,9 @@ def test_pc_kind_end_to_end(tmp_path, stories, stage_calls):
             assert rec["pc"]["tokens_out"] == rec["budget"] < rec["pc"]["tokens_in"] and "kv" not in rec
             kw = dict(pc=make_pc(rec["method"], **params, capacity=rec["budget"]))
         assert rec["prediction"] == unshared(stories, rec, draft=stories, **kw), rec["key"]
+    look = {r["method"]: r["pc"].get("lookahead") for r in records if r["budget"] == 64}
+    assert look["recency"] is None and look["specpc"] and look["speckv-pc"]  # attention methods keep theirs
+    assert all(r["kv"]["lookahead"] == r["pc"]["lookahead"] for r in records if r["method"] == "speckv-pc")
     md, paths = summarize.summarize([str(out)])
     assert "| task | specpc @64 | specpc @128 | recency @64 | recency @128 | speckv-pc @64 | speckv-pc @128 |" in md
     assert [p.name for p in paths] == ["score_vs_budget_ruler_384.png"]

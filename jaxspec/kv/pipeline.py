@@ -353,7 +353,8 @@ def compress_budgets(target: Model, prompts: list[list[int]], methods: list[Meth
 
 def accounting(c: Compressed, cfg: ModelConfig, kept_indices: bool = False) -> list[dict]:
     """Per row: method and parameters, whether it was compressed, entries kept per layer (and per kv head
-    where heads differ), KV bytes kept vs the full prompt's, and optionally the kept positions
+    where heads differ), KV bytes kept vs the full prompt's, the lookahead's token ids (SpecKV: what the draft,
+    or for the oracle the target, wrote) and optionally the kept positions
     ``kept_indices[layer][kv_head]`` (sorted). Counts are taken at decode start, so SpecKV's include the
     re-fed final prompt token (``capacity + 1``)."""
     pos = to_host(c.cache.pos)  # [L, B, H, K]
@@ -376,6 +377,7 @@ def accounting(c: Compressed, cfg: ModelConfig, kept_indices: bool = False) -> l
             row["kept_per_head"] = kept.tolist()
         if c.lookahead is not None:
             row["lookahead_tokens"] = len(c.lookahead[b])
+            row["lookahead"] = [int(t) for t in c.lookahead[b]]  # ids, as written (the stop id stays)
         if kept_indices:
             row["kept_indices"] = [[np.sort(p[p >= 0]).tolist() for p in layer] for layer in pos[:, b]]
         rows.append(row)

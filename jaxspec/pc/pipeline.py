@@ -262,7 +262,7 @@ def compress_budgets(prompts: list[list[int]], pcs: list[Method], *, draft: Mode
 
 def accounting(c: Compressed, b: int, kept_indices: bool = False) -> dict:
     """Row ``b``: method and parameters, tokens in and out, whether (and why not) it was compressed, the
-    positions the target sees, draft seconds (the batch's), lookahead length, optionally the kept indices."""
+    positions the target sees, draft seconds (the batch's), the lookahead (its token ids and length), optionally the kept indices."""
     n, m = c.prompt_lengths[b], len(c.prompts[b])
     row = {"method": c.method.name, "params": c.method.params(), "compressed": c.compressed[b], "tokens_in": n,
            "tokens_out": m, "positions": "original" if c.method.keep_positions else "renumbered",
@@ -271,6 +271,7 @@ def accounting(c: Compressed, b: int, kept_indices: bool = False) -> dict:
         row["note"] = f"prompt ({n} tokens) fits in capacity {c.method.capacity}: unchanged"
     if c.lookahead is not None:
         row["lookahead_tokens"] = len(c.lookahead[b])
+        row["lookahead"] = [int(t) for t in c.lookahead[b]]  # ids, as written (the stop id stays)
     if kept_indices:
         row["kept_indices"] = c.kept[b]
     return row
