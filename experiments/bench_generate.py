@@ -40,10 +40,18 @@ def machine_info() -> dict:
     except OSError:
         pass
     try:
+        repo = Path(__file__).parent
         info["git_commit"] = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True,
-                                            cwd=Path(__file__).parent).stdout.strip()
+                                            cwd=repo).stdout.strip()
+        # uncommitted changes to tracked files: the figures are then of a tree that is not that commit
+        changed = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], capture_output=True,
+                                 text=True, cwd=repo).stdout
+        info["git_dirty"] = bool(changed.strip())
     except OSError:
         pass
+    from jaxspec.models import cpu_kernels
+
+    info["cpu_kernels"] = {kind: cpu_kernels.enabled(kind) for kind in ("matmul", "attention")}  # on by default?
     return info
 
 

@@ -18,8 +18,8 @@ against the running jaxlib's FFI headers, for this CPU (``-march=native``), into
 ``$JAXSPEC_CACHE/kernels`` (default ``~/.cache/jaxspec/kernels``) under a name that hashes the source,
 jaxlib's version, the compiler and the CPU's flags, written atomically; later processes load it. Without a
 compiler, or if the build fails, models fall back to XLA's dots with one warning (the results are the same up
-to summation order). They are on where they win, CPUs with AVX-512 (``suited``); ``JAXSPEC_CPU_KERNELS=0``
-turns them off, ``=1`` on anywhere (read when a function is traced).
+to summation order). They are on where they win (``suited``): both with AVX-512, the small-row matmul also
+with AVX2; ``JAXSPEC_CPU_KERNELS=0`` turns them off, ``=1`` on anywhere (read when a function is traced).
 """
 
 from __future__ import annotations
@@ -46,24 +46,30 @@ ATTN_ROWS_MAX = 64  # query rows (a kv group's heads x new tokens) up to which t
 TARGET = "jaxspec_rows_matmul"
 SCORES, VALUES = "jaxspec_cache_scores", "jaxspec_cache_values"
 SOURCE = Path(__file__).with_name("rows_matmul.cc")
+# Contraction off: the source fuses its multiply-adds itself (``madd``), the same way in every block shape.
+FLAGS = ("-O3", "-std=c++17", "-ffp-contract=off", "-shared", "-fPIC", "-w")
 
 _lock = threading.Lock()
 _state: dict = {"loaded": None, "error": None}  # loaded: None = not tried, True/False after the first try
 
 
-def enabled() -> bool:
-    """Whether the kernels are on: ``JAXSPEC_CPU_KERNELS=1`` forces them on, ``0`` off; unset (or ``auto``)
-    means on where they were built for (``suited()``)."""
+def enabled(kind: str = "matmul") -> bool:
+    """Whether the ``kind`` kernels (``matmul``: ``rows_matmul``; ``attention``: ``cache_scores`` and
+    ``cache_values``) are on: ``JAXSPEC_CPU_KERNELS=1`` forces both on, ``0`` off; unset (or ``auto``) means
+    on where they win (``suited(kind)``)."""
     mode = os.environ.get("JAXSPEC_CPU_KERNELS", "auto")
-    return mode == "1" or (mode not in ("0", "1") and suited())
+    return mode == "1" or (mode not in ("0", "1") and suited(kind))
 
 
-def suited() -> bool:
-    """Whether this CPU has AVX-512 (x86 ``avx512f``): the kernels keep 4 x 6 blocks of 16-lane accumulators
-    in registers, which 32 AVX-512 registers hold. With AVX2 (16 registers of 8 lanes) they spill, and on a
-    2-core AMD EPYC (AVX2) the small-row matmul measured slower than XLA's dot at every row count: 1.3x at 1
-    row, 5.8x at 9 (``experiments/bench_matmul_layout.py``, docs/results.md)."""
-    return "avx512f" in _cpu_flags().split()
+def suited(kind: str = "matmul") -> bool:
+    """Whether the ``kind`` kernels beat XLA's dots on this CPU, as measured (``experiments/bench_matmul_layout.py``,
+    ``bench_decode_attention.py``; docs/results.md): both with AVX-512 (``avx512f``); the small-row matmul also
+    with AVX2 + FMA, which the library is then built for (4 x 3 blocks of 8-lane vectors); the attention
+    kernels' 16-lane tiles lost to XLA there at a 4K cache (0.82x) and only tied at 1K."""
+    if kind not in ("matmul", "attention"):
+        raise ValueError(f"unknown kernel kind {kind!r}: 'matmul' or 'attention'")
+    flags = set(_cpu_flags().split())
+    return "avx512f" in flags or (kind == "matmul" and {"avx2", "fma"} <= flags)
 
 
 def _compiler() -> str | None:
@@ -89,7 +95,7 @@ def library_path(cxx: str) -> Path:
     import jaxlib
 
     version = subprocess.run([cxx, "--version"], capture_output=True, text=True).stdout.splitlines()[:1]
-    key = hashlib.sha256("\0".join([SOURCE.read_text(), jaxlib.__version__, *version, _cpu_flags()]).encode())
+    key = hashlib.sha256("\0".join([SOURCE.read_text(), jaxlib.__version__, *version, *FLAGS, _cpu_flags()]).encode())
     root = Path(os.environ.get("JAXSPEC_CACHE", "~/.cache/jaxspec")).expanduser() / "kernels"
     return root / f"rows_matmul-{key.hexdigest()[:16]}.so"
 
@@ -100,8 +106,7 @@ def build(cxx: str, out: Path) -> None:
     out.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(suffix=".so", dir=out.parent)
     os.close(fd)
-    base = [cxx, "-O3", "-std=c++17", "-shared", "-fPIC", "-w", f"-I{jax.ffi.include_dir()}", str(SOURCE),
-            "-o", tmp]
+    base = [cxx, *FLAGS, f"-I{jax.ffi.include_dir()}", str(SOURCE), "-o", tmp]
     try:
         for flags in (["-march=native"], []):  # -march=native is not known to every compiler/target
             done = subprocess.run(base[:1] + flags + base[1:], capture_output=True, text=True)
@@ -148,7 +153,8 @@ def use_kernel(x, w) -> bool:
     """Whether ``project(x, w)`` takes the kernel: fp32 operands, at most ``ROWS_MAX`` rows, a 2-D weight, the
     CPU backend, the kernel enabled and loadable."""
     return (x.dtype == jnp.float32 and w.dtype == jnp.float32 and w.ndim == 2
-            and math.prod(x.shape[:-1]) <= ROWS_MAX and jax.default_backend() == "cpu" and enabled() and load())
+            and math.prod(x.shape[:-1]) <= ROWS_MAX and jax.default_backend() == "cpu" and enabled("matmul")
+            and load())
 
 
 def project(x, w):
@@ -177,4 +183,4 @@ def use_cache_kernels(rows: int, *operands) -> bool:
     ``cache_values``: fp32 ``operands``, at most ``ATTN_ROWS_MAX`` rows, the CPU backend, the kernels enabled
     and loadable."""
     return (all(x.dtype == jnp.float32 for x in operands) and rows <= ATTN_ROWS_MAX
-            and jax.default_backend() == "cpu" and enabled() and load())
+            and jax.default_backend() == "cpu" and enabled("attention") and load())

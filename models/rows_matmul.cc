@@ -13,9 +13,18 @@
 // a layer out for a custom call would copy it.
 //
 // Numerics: y[m, n] accumulates x[m, k] * w[n, k] in the same order whatever M is and whichever block row m
-// falls in (16 lane sums over k, then the lanes in order, then the tail of K; the scores of 16-key tiles
+// falls in (kLanes lane sums over k, then the lanes in order, then the tail of K; the scores of 16-key tiles
 // fold the lanes by a fixed tree instead), so a row's result does not depend on the other rows: a decode
-// step and a verification give bit-identical logits for the same input.
+// step and a verification give bit-identical logits for the same input. For that every vector
+// multiply-add is `madd`: one fused instruction where the CPU has FMA, written out, and the library is built
+// with -ffp-contract=off, so that the compiler fuses nothing on its own (GCC's default contraction fused
+// the same statement in some block shapes and not in others, and rows came out different by M).
+//
+// Register blocking follows the instruction set the library is built for (-march=native): with AVX-512
+// (32 registers of 16 floats) a block is 4 weight rows x 6 rows of x; with AVX2 (16 registers of 8 floats)
+// 6 x 2 of 8-lane vectors (six weight rows streamed at once reached XLA's mat-vec bandwidth on an AMD EPYC,
+// four did not), since the AVX-512 blocking spills there and ran at a fifth of the bandwidth (docs/results.md,
+// "The kernel on an AVX2 host"). The attention kernels keep 16-lane tiles on both.
 #include <algorithm>
 #include <atomic>
 #include <cstdint>
@@ -25,6 +34,10 @@
 #include <thread>
 #include <type_traits>
 
+#if defined(__FMA__) || defined(__AVX512F__)
+#include <immintrin.h>
+#endif
+
 #include "xla/ffi/api/ffi.h"
 
 namespace ffi = xla::ffi;
@@ -32,27 +45,61 @@ namespace ffi = xla::ffi;
 namespace {
 
 typedef float v16 __attribute__((vector_size(64)));  // 16 fp32 lanes: one AVX-512 register, two AVX2 ones
-constexpr int64_t kLanes = 16;
-constexpr int kRows = 4;  // weight rows per block
-constexpr int kCols = 6;  // x rows per block: 4 x 6 accumulators + 4 weight vectors + 1 x vector in registers
-constexpr int64_t kChunk = 64;  // weight rows per unit of work shared between threads
+constexpr int64_t kTile = 16;  // the attention kernels' lanes (and keys per score tile)
+constexpr int kAttnCols = 6;   // query rows per value block: 6 x 4 accumulators of 16 lanes
+#ifdef __AVX512F__
+constexpr int64_t kLanes = 16;  // the matmul's lanes: one register
+constexpr int kRows = 4;        // weight rows per block
+constexpr int kCols = 6;        // x rows per block: 4 x 6 accumulators + 4 weight vectors + 1 x vector
+#else
+constexpr int64_t kLanes = 8;   // one AVX2 register
+constexpr int kRows = 6;        // six weight streams: 6 x 2 accumulators + 6 weight vectors; x comes from L1
+constexpr int kCols = 2;
+#endif
+typedef float vm __attribute__((vector_size(4 * kLanes)));  // the matmul's vector
+constexpr int64_t kChunk = 16 * kRows;  // weight rows per unit of work shared between threads
+constexpr int64_t kKeyChunk = 64;       // cache slots per unit of the attention kernels
 
-inline v16 load(const float* p) {
-  v16 v;
+template <class V = v16>
+inline V load(const float* p) {
+  V v;
   std::memcpy(&v, p, sizeof v);
   return v;
 }
 
+// a * b + c lane by lane, rounded once with FMA (else twice, the same way in every block shape).
+template <class V>
+inline V madd(V a, V b, V c) {
+#if defined(__AVX512F__)
+  if constexpr (sizeof(V) == 64) return (V)_mm512_fmadd_ps((__m512)a, (__m512)b, (__m512)c);
+#endif
+#if defined(__FMA__)
+  if constexpr (sizeof(V) == 32) return (V)_mm256_fmadd_ps((__m256)a, (__m256)b, (__m256)c);
+  if constexpr (sizeof(V) % 32 == 0) {  // a 16-lane vector without AVX-512: its 8-lane halves
+    constexpr int parts = sizeof(V) / 32;
+    __m256 pa[parts], pb[parts], pc[parts];
+    std::memcpy(pa, &a, sizeof a);
+    std::memcpy(pb, &b, sizeof b);
+    std::memcpy(pc, &c, sizeof c);
+    for (int i = 0; i < parts; ++i) pc[i] = _mm256_fmadd_ps(pa[i], pb[i], pc[i]);
+    V out;
+    std::memcpy(&out, pc, sizeof out);
+    return out;
+  }
+#endif
+  return a * b + c;
+}
+
 template <int MB, int NB>
 inline void block(const float* x, const float* w, float* y, int64_t K, int64_t N, int64_t m0, int64_t n0) {
-  v16 acc[MB][NB] = {};
+  vm acc[MB][NB] = {};
   const int64_t Kv = K - K % kLanes;
   for (int64_t k = 0; k < Kv; k += kLanes) {
-    v16 wv[NB];
-    for (int j = 0; j < NB; ++j) wv[j] = load(w + (n0 + j) * K + k);
+    vm wv[NB];
+    for (int j = 0; j < NB; ++j) wv[j] = load<vm>(w + (n0 + j) * K + k);
     for (int i = 0; i < MB; ++i) {
-      const v16 xv = load(x + (m0 + i) * K + k);
-      for (int j = 0; j < NB; ++j) acc[i][j] += xv * wv[j];
+      const vm xv = load<vm>(x + (m0 + i) * K + k);
+      for (int j = 0; j < NB; ++j) acc[i][j] = madd(xv, wv[j], acc[i][j]);
     }
   }
   for (int i = 0; i < MB; ++i) {
@@ -65,24 +112,25 @@ inline void block(const float* x, const float* w, float* y, int64_t K, int64_t N
   }
 }
 
-// f(m0, std::integral_constant<int, MB>()) for the row blocks of M rows: kCols at a time, then the rest.
-template <class F>
+// f(m0, std::integral_constant<int, MB>()) for the row blocks of M rows: C at a time, then the rest.
+template <int C, class F>
 inline void row_blocks(int64_t M, F f) {
+  static_assert(C >= 1 && C <= 6, "remainders up to 5 rows");
   int64_t m = 0;
-  for (; m + kCols <= M; m += kCols) f(m, std::integral_constant<int, kCols>());
+  for (; m + C <= M; m += C) f(m, std::integral_constant<int, C>());
   switch (M - m) {
     case 1: f(m, std::integral_constant<int, 1>()); break;
-    case 2: f(m, std::integral_constant<int, 2>()); break;
-    case 3: f(m, std::integral_constant<int, 3>()); break;
-    case 4: f(m, std::integral_constant<int, 4>()); break;
-    case 5: f(m, std::integral_constant<int, 5>()); break;
+    case 2: if constexpr (C > 2) f(m, std::integral_constant<int, 2>()); break;
+    case 3: if constexpr (C > 3) f(m, std::integral_constant<int, 3>()); break;
+    case 4: if constexpr (C > 4) f(m, std::integral_constant<int, 4>()); break;
+    case 5: if constexpr (C > 5) f(m, std::integral_constant<int, 5>()); break;
     default: break;
   }
 }
 
 template <int NB>
 void all_rows(const float* x, const float* w, float* y, int64_t M, int64_t K, int64_t N, int64_t n0) {
-  row_blocks(M, [&](int64_t m, auto mb) { block<decltype(mb)::value, NB>(x, w, y, K, N, m, n0); });
+  row_blocks<kCols>(M, [&](int64_t m, auto mb) { block<decltype(mb)::value, NB>(x, w, y, K, N, m, n0); });
 }
 
 void weight_rows(const float* x, const float* w, float* y, int64_t M, int64_t K, int64_t N, int64_t lo,
@@ -204,17 +252,17 @@ inline v16 sum16(const v16* a) {
 // the fixed tree of sum16, so it does not depend on M or on the other rows.
 void score_tile(const float* q, const float* k, float* s, int64_t M, int64_t D, int64_t S, int64_t t0) {
   for (int64_t m = 0; m < M; ++m) {
-    v16 acc[kLanes] = {};
-    for (int64_t d = 0; d < D; d += kLanes) {
+    v16 acc[kTile] = {};
+    for (int64_t d = 0; d < D; d += kTile) {
       const v16 qv = load(q + m * D + d);
-      for (int j = 0; j < kLanes; ++j) acc[j] += qv * load(k + (t0 + j) * D + d);
+      for (int j = 0; j < kTile; ++j) acc[j] = madd(qv, load(k + (t0 + j) * D + d), acc[j]);
     }
     const v16 out = sum16(acc);
     std::memcpy(s + m * S + t0, &out, sizeof out);
   }
 }
 
-// s[p, m, t] = q[p, m, :] . k[p, t, :], in units of (group p, kChunk keys): 16 keys at a time by
+// s[p, m, t] = q[p, m, :] . k[p, t, :], in units of (group p, kKeyChunk keys): 16 keys at a time by
 // `score_tile` where D is a multiple of 16, the rest (and other D) by the small-row matmul's blocks.
 ffi::Error CacheScores(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> q, ffi::Buffer<ffi::F32> k,
                        ffi::Buffer<ffi::S32> at, ffi::ResultBuffer<ffi::F32> s) {
@@ -228,14 +276,14 @@ ffi::Error CacheScores(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> q, ffi::Buffe
   const float* qp = q.typed_data();
   const float* kp = block->data;
   float* sp = s->typed_data();
-  const int64_t chunks = (S + kChunk - 1) / kChunk;
+  const int64_t chunks = (S + kKeyChunk - 1) / kKeyChunk;
   parallel(pool, P * chunks, [=](int64_t u) {
-    const int64_t p = u / chunks, lo = (u % chunks) * kChunk, hi = std::min(S, lo + kChunk);
+    const int64_t p = u / chunks, lo = (u % chunks) * kKeyChunk, hi = std::min(S, lo + kKeyChunk);
     const float *qq = qp + p * M * D, *kk = kp + p * S * D;
     float* ss = sp + p * M * S;
     int64_t t = lo;
-    if (D % kLanes == 0)
-      for (; t + kLanes <= hi; t += kLanes) score_tile(qq, kk, ss, M, D, S, t);
+    if (D % kTile == 0)
+      for (; t + kTile <= hi; t += kTile) score_tile(qq, kk, ss, M, D, S, t);
     weight_rows(qq, kk, ss, M, D, S, t, hi);
   });
   return ffi::Error::Success();
@@ -248,19 +296,19 @@ inline void value_block(const float* w, const float* v, float* y, int64_t S, int
   v16 acc[MB][DB] = {};
   for (int64_t t = 0; t < S; ++t) {
     v16 vv[DB];
-    for (int j = 0; j < DB; ++j) vv[j] = load(v + t * D + d0 + j * kLanes);
+    for (int j = 0; j < DB; ++j) vv[j] = load(v + t * D + d0 + j * kTile);
     for (int i = 0; i < MB; ++i) {
-      const float c = w[(m0 + i) * S + t];
-      for (int j = 0; j < DB; ++j) acc[i][j] += c * vv[j];
+      const v16 c = v16{} + w[(m0 + i) * S + t];  // broadcast
+      for (int j = 0; j < DB; ++j) acc[i][j] = madd(c, vv[j], acc[i][j]);
     }
   }
   for (int i = 0; i < MB; ++i)
-    for (int j = 0; j < DB; ++j) std::memcpy(y + (m0 + i) * D + d0 + j * kLanes, &acc[i][j], sizeof(v16));
+    for (int j = 0; j < DB; ++j) std::memcpy(y + (m0 + i) * D + d0 + j * kTile, &acc[i][j], sizeof(v16));
 }
 
 template <int DB>
 void value_rows(const float* w, const float* v, float* y, int64_t M, int64_t S, int64_t D, int64_t d0) {
-  row_blocks(M, [&](int64_t m, auto mb) { value_block<decltype(mb)::value, DB>(w, v, y, S, D, m, d0); });
+  row_blocks<kAttnCols>(M, [&](int64_t m, auto mb) { value_block<decltype(mb)::value, DB>(w, v, y, S, D, m, d0); });
 }
 
 ffi::Error CacheValues(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> w, ffi::Buffer<ffi::F32> v,
@@ -276,7 +324,7 @@ ffi::Error CacheValues(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> w, ffi::Buffe
   const float* wp = w.typed_data();
   const float* vp = block->data;
   float* yp = y->typed_data();
-  constexpr int64_t kSpan = 4 * kLanes;  // value columns per unit: 4 x 6 accumulators in registers
+  constexpr int64_t kSpan = 4 * kTile;  // value columns per unit: 4 x 6 accumulators in registers
   const int64_t spans = (D + kSpan - 1) / kSpan;
   parallel(pool, P * spans, [=](int64_t u) {
     const int64_t p = u / spans, d0 = (u % spans) * kSpan, d1 = std::min(D, d0 + kSpan);
@@ -285,7 +333,7 @@ ffi::Error CacheValues(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> w, ffi::Buffe
     float* yq = yp + p * M * D;
     int64_t d = d0;
     for (; d + kSpan <= d1; d += kSpan) value_rows<4>(wq, vq, yq, M, S, D, d);
-    for (; d + kLanes <= d1; d += kLanes) value_rows<1>(wq, vq, yq, M, S, D, d);
+    for (; d + kTile <= d1; d += kTile) value_rows<1>(wq, vq, yq, M, S, D, d);
     for (; d < d1; ++d)  // a head_dim that is not a multiple of 16: the last columns one by one
       for (int64_t m = 0; m < M; ++m) {
         float acc = 0.0f;

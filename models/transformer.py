@@ -629,7 +629,8 @@ def forward(params: Params, cfg: ModelConfig, tokens, positions, cache, *, mask_
     return _forward(params, cfg, tokens, positions, cache, mask_info=mask_info, last_only=last_only,
                     capture=capture, capture_index=capture_index, capture_weight=capture_weight,
                     empty_cache=empty_cache, sparse=sparse, sparse_rows=sparse_rows, sparse_start=sparse_start,
-                    prefill_chunk=prefill_chunk, kernels=cpu_kernels.enabled())
+                    prefill_chunk=prefill_chunk,
+                    kernels=(cpu_kernels.enabled("matmul"), cpu_kernels.enabled("attention")))
 
 
 @functools.partial(jax.jit, static_argnames=("cfg", "last_only", "capture", "empty_cache", "sparse",

@@ -16,8 +16,8 @@ pytestmark = pytest.mark.skipif(jax.default_backend() != "cpu", reason="a CPU-ba
 
 @pytest.fixture(autouse=True)
 def forced_on(monkeypatch):
-    """The kernels are tested on every CPU, also where ``enabled()`` would leave them off by default (no
-    AVX-512: slower there, not wrong)."""
+    """The kernels are tested on every CPU, also where ``enabled()`` would leave them off by default
+    (the attention kernels without AVX-512: slower there, not wrong)."""
     monkeypatch.setenv("JAXSPEC_CPU_KERNELS", "1")
 
 
@@ -27,17 +27,24 @@ def kernel():
         pytest.skip(f"kernel unavailable: {cpu_kernels._state['error']}")
 
 
-def test_default_is_on_only_with_avx512(monkeypatch):
+def test_default_follows_the_instruction_set(monkeypatch):
+    """Both kernels by default with AVX-512, the matmul alone with AVX2 + FMA, none elsewhere; the variable
+    overrides both."""
     monkeypatch.delenv("JAXSPEC_CPU_KERNELS")
-    for flags, on in (("flags\t: fpu sse2 avx avx2 fma", False), ("flags\t: fpu avx2 avx512f avx512bw", True),
-                      ("Features\t: fp asimd", False)):
+    for flags, matmul, attention in (("flags\t: fpu sse2 avx avx2 fma", True, False),
+                                     ("flags\t: fpu sse2 avx avx2", False, False),
+                                     ("flags\t: fpu avx2 fma avx512f avx512bw", True, True),
+                                     ("Features\t: fp asimd", False, False)):
         monkeypatch.setattr(cpu_kernels, "_cpu_flags", lambda flags=flags: flags)
-        assert cpu_kernels.suited() is on and cpu_kernels.enabled() is on
-        monkeypatch.setenv("JAXSPEC_CPU_KERNELS", "1")
-        assert cpu_kernels.enabled()
-        monkeypatch.setenv("JAXSPEC_CPU_KERNELS", "0")
-        assert not cpu_kernels.enabled()
-        monkeypatch.delenv("JAXSPEC_CPU_KERNELS")
+        for kind, on in (("matmul", matmul), ("attention", attention)):
+            assert cpu_kernels.suited(kind) is on and cpu_kernels.enabled(kind) is on, (flags, kind)
+            monkeypatch.setenv("JAXSPEC_CPU_KERNELS", "1")
+            assert cpu_kernels.enabled(kind)
+            monkeypatch.setenv("JAXSPEC_CPU_KERNELS", "0")
+            assert not cpu_kernels.enabled(kind)
+            monkeypatch.delenv("JAXSPEC_CPU_KERNELS")
+    with pytest.raises(ValueError, match="unknown kernel kind"):
+        cpu_kernels.suited("conv")
 
 
 def _ref(x, w):
