@@ -5,8 +5,10 @@ Reads each run's ``predictions.jsonl`` (so a run still in progress can be summar
 
 * ``summary.md``: per dataset and length, a markdown table task x (method, budget) of scores, then the
   category averages and ``All``; for unscored datasets (HumanEval) tokens/s and tokens per target forward;
-  then the cost table: per (method, budget) the median seconds a record spent in each timed stage (draft
-  passes, prefill, scoring, decode; model loading and XLA compiles are one-off and left out) and their sum;
+  for methods whose records keep a lookahead (SpecKV, SpecPC), how often the lookahead itself answers and
+  the method's score when it does and when it does not; then the cost table: per (method, budget) the median
+  seconds a record spent in each timed stage (draft passes, prefill, scoring, decode; model loading and XLA
+  compiles are one-off and left out) and their sum;
 * ``score_vs_budget_{dataset}_{length}.png``: the ``All`` score against the budget, one line per method
   (methods without a budget as dashed horizontal lines); the axis says whether the budgets are KV capacities,
   kept prompt tokens (prompt compression) or both;
@@ -114,6 +116,39 @@ def costs(records: list[dict]) -> str:
     return "\n".join(out)
 
 
+def lookaheads(records: list[dict]) -> str:
+    """Markdown: per (dataset, length), for each (method, budget) whose records keep a lookahead (SpecKV's
+    draft answer, the oracle's target answer, SpecPC's), the lookahead scored as if it were the prediction,
+    and the records' mean score where the lookahead scored 100 and where it did not: whether the selection
+    needs the draft to be right. Empty when no record keeps one."""
+    from experiments.metrics import score
+
+    looked = []
+    for r in records:
+        text = (r.get("kv") or {}).get("lookahead", (r.get("pc") or {}).get("lookahead"))
+        s = None if text is None else score(r["dataset"], r["task"], text, r["answers"], r.get("meta"))
+        if s is not None and r.get("score") is not None:
+            looked.append({**r, "look_score": s})
+    out = []
+    for (ds, length), group in _by(looked, ("dataset", "length")).items():
+        out.append(f"### lookahead, {ds}" + ("" if length is None else f", length {length}") + "\n")
+        out.append("the lookahead scored as the answer, and the method's score where the lookahead was right "
+                   "(scored 100) and where it was not; records in parentheses\n")
+        out.append("| method | budget | records | lookahead score | score, lookahead right | "
+                   "score, lookahead not right |")
+        out.append("|---|---:|---:|---:|---:|---:|")
+        for (method, budget), sel in sorted(_by(group, ("method", "budget")).items(),
+                                            key=lambda kv: (kv[0][0], _budget_key(kv[0][1]))):
+            right = [r["score"] for r in sel if r["look_score"] == 1.0]
+            wrong = [r["score"] for r in sel if r["look_score"] != 1.0]
+            mean = lambda xs: None if not xs else 100 * sum(xs) / len(xs)  # noqa: E731
+            out.append(f"| {method} | {'-' if budget is None else budget} | {len(sel)} | "
+                       f"{_fmt(mean([r['look_score'] for r in sel]))} | {_fmt(mean(right))} ({len(right)}) | "
+                       f"{_fmt(mean(wrong))} ({len(wrong)}) |")
+        out.append("")
+    return "\n".join(out)
+
+
 def _by(rows, keys):
     groups = defaultdict(list)
     for r in rows:
@@ -204,7 +239,8 @@ def summarize(run_dirs: list[str], out: str | Path | None = None) -> tuple[str, 
     order = {}
     for r in records:
         order.setdefault(r["method"], len(order))
-    md = tables(rows, order) + "\n" + costs(records)
+    look = lookaheads(records)
+    md = tables(rows, order) + "\n" + (look + "\n" if look else "") + costs(records)
     write_text(out / "summary.md", md)
     budget_of = {r["method"]: r.get("budget_of") for r in records}
     return md, plot_scores(rows, out, budget_of) + plot_accepted(records, out)

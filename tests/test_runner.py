@@ -71,6 +71,24 @@ def test_cost_table_takes_medians_of_the_timed_stages(tmp_path):
     assert "| full | all |" not in md  # one budget: no summary row
 
 
+def test_lookahead_table_splits_scores_by_whether_the_lookahead_answered(tmp_path):
+    def rec(i, method, score, look, budget=64):
+        return {"key": f"{method}{i}", "dataset": "ruler", "task": "niah_single_1", "length": 512,
+                "method": method, "budget": budget, "index": i, "score": score, "answers": ["4096"],
+                "timings": {}, **({"kv": {"lookahead": look}} if look is not None else {})}
+
+    recs = [rec(0, "speckv", 1.0, " 4096."), rec(1, "speckv", 1.0, " 1234"), rec(2, "speckv", 0.0, " 1234"),
+            rec(3, "speckv", 0.0, " 4096"), rec(4, "speckv", 1.0, " 4096"), rec(0, "snapkv", 1.0, None)]
+    (tmp_path / "predictions.jsonl").write_text("".join(json.dumps(r) + "\n" for r in recs))
+    md, _ = summarize.summarize([str(tmp_path)])
+    assert "### lookahead, ruler, length 512" in md
+    # 3 of 5 lookaheads name the value; the method scored 2 of those 3 and 1 of the other 2
+    assert "| speckv | 64 | 5 | 60.0 | 66.7 (3) | 50.0 (2) |" in md
+    assert "| snapkv |" not in md.split("### lookahead")[1].split("### cost")[0]
+    (tmp_path / "predictions.jsonl").write_text(json.dumps(recs[-1]) + "\n")
+    assert "### lookahead" not in summarize.summarize([str(tmp_path)])[0]  # no lookaheads: no table
+
+
 @pytest.fixture(scope="module")
 def stories():
     import jaxspec
