@@ -365,7 +365,17 @@ class Attention(nn.Module):
         rather than read from the attention's scores: a chunked prefill never holds every row's scores.
         In a chunked prefill, more than ``chunk`` captured rows (H2O captures all ``T``) that are reduced over
         the rows are scored ``chunk`` rows at a time and reduced as they go, so no ``[T, S + T]`` map exists:
-        each row's softmax is over all its keys either way, so this is exact."""
+        each row's softmax is over all its keys either way, so this is exact. Without a cache (``cache`` None:
+        an empty one was promised) the ``S`` slots get probability 0: they are reduced as the new keys only and
+        put in front as zeros afterwards, so no ``[rows, S]`` block of zeros is written and read again."""
+        out = self._captured_new(qg, kn, new_mask, cache, positions, S, cap_index, cap_weight)
+        if cache is None and S:
+            out = jnp.pad(out, ((0, 0),) * (out.ndim - 1) + ((S, 0),))
+        return out
+
+    def _captured_new(self, qg, kn, new_mask, cache, positions, S, cap_index, cap_weight):
+        """``_captured`` over the keys ``_row_probs`` returns: the cache slots and the new keys, or the new
+        keys alone when ``cache`` is None."""
         R = cap_index.shape[1]
         if self.chunk is None or R <= self.chunk or self.capture.queries == "none":
             p, l = self._row_probs(qg, kn, new_mask, cache, positions, S, cap_index)
@@ -384,20 +394,21 @@ class Attention(nn.Module):
             return self._reduce_rows(p, l, lax.dynamic_slice_in_dim(weight, i * c, c, axis=1),
                                      "max" if how == "max" else "sum", lax.dynamic_slice_in_dim(real, i * c, c))
 
-        parts = lax.map(step, jnp.arange(n))  # [n, B, Hk or H, S + T]
+        parts = lax.map(step, jnp.arange(n))  # [n, B, Hk or H, S + T] (T without a cache)
         return parts.max(0) if how == "max" else parts.sum(0) / (R if how == "mean" else 1)
 
     def _row_probs(self, qg, kn, new_mask, cache, positions, S, cap_index):
         """The query rows ``cap_index [B, R]``'s fp32 softmax over the ``S + T`` keys, unnormalised: ``exp(s - m)
-        [B, Hk, G, R, S + T]`` and its row sums ``[B, Hk, G, R, 1]``."""
+        [B, Hk, G, R, S + T]`` and its row sums ``[B, Hk, G, R, 1]``; over the ``T`` new keys alone when
+        ``cache`` is None (the ``S`` empty slots would be zeros)."""
         qc = jnp.take_along_axis(qg, cap_index[:, None, None, :, None], axis=3)  # [B, Hk, G, R, hd]
         qpos = jnp.take_along_axis(positions, cap_index, axis=1)
         new_ok = (causal_mask(positions, qpos) if new_mask is None
                   else jnp.take_along_axis(new_mask, cap_index[:, :, None], axis=1))
         s_old, s_new, m = attention_logits(qc, kn, new_ok, cache, qpos)
-        p_new = jnp.exp(s_new - m)
-        p_old = jnp.zeros(p_new.shape[:-1] + (S,), p_new.dtype) if s_old is None else jnp.exp(s_old - m)
-        p = jnp.concatenate([p_old, p_new], -1)
+        p = jnp.exp(s_new - m)
+        if s_old is not None:
+            p = jnp.concatenate([jnp.exp(s_old - m), p], -1)
         return p, p.sum(-1, keepdims=True)
 
     def _reduce_rows(self, p, l, cap_weight, queries: str | None = None, real=None):
