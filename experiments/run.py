@@ -39,8 +39,9 @@ float rounding). Per batch, a method's missing budgets run as one sweep (one sha
 records are still written one per (sample, budget), so a run killed inside a sweep resumes with the budgets
 left (a restart recomputes, for a batch, the union of its samples' missing budgets and writes only what is
 missing). A record's ``timings`` are its batch's and ``batch`` says how many prompts shared them. On a 2-core
-CPU a batch of 2 made the prefill ~1.3x cheaper a record; decode gains only where small-row matmuls are
-cheap (the AVX-512 kernel, a GPU, where the grid runs up to ``batch_size`` times faster).
+CPU a batch of 2 made the prefill ~1.3x cheaper a record; decode gains where small-row matmuls are cheap
+(the CPU kernel with AVX2 or AVX-512: 1.65x at batch 2 on an AVX2 EPYC; a GPU, where the grid runs up to
+``batch_size`` times faster).
 KV methods of one batch also share target prefills (``jaxspec.kv.pipeline.SharedPrefills``): one plain
 prefill serves ``full``, StreamingLLM, SnapKV/PyramidKV/AdaKV and SpecKV (scored by ``score_suffix``) and
 SpecKV-oracle's lookahead; H2O prefills on its own.

@@ -123,6 +123,9 @@ def lookaheads(records: list[dict]) -> str:
     needs the draft to be right. Empty when no record keeps one."""
     from experiments.metrics import score
 
+    def mean(xs):
+        return None if not xs else 100 * sum(xs) / len(xs)
+
     looked = []
     for r in records:
         text = (r.get("kv") or {}).get("lookahead", (r.get("pc") or {}).get("lookahead"))
@@ -141,7 +144,6 @@ def lookaheads(records: list[dict]) -> str:
                                             key=lambda kv: (kv[0][0], _budget_key(kv[0][1]))):
             right = [r["score"] for r in sel if r["look_score"] == 1.0]
             wrong = [r["score"] for r in sel if r["look_score"] != 1.0]
-            mean = lambda xs: None if not xs else 100 * sum(xs) / len(xs)  # noqa: E731
             out.append(f"| {method} | {'-' if budget is None else budget} | {len(sel)} | "
                        f"{_fmt(mean([r['look_score'] for r in sel]))} | {_fmt(mean(right))} ({len(right)}) | "
                        f"{_fmt(mean(wrong))} ({len(wrong)}) |")

@@ -16,7 +16,7 @@ custom call would be copied); ``models.transformer.attend`` uses them for fp32 c
 The kernels are compiled on first use with the C++ compiler found (``$CXX``, else ``c++``/``g++``/``clang++``)
 against the running jaxlib's FFI headers, for this CPU (``-march=native``), into
 ``$JAXSPEC_CACHE/kernels`` (default ``~/.cache/jaxspec/kernels``) under a name that hashes the source,
-jaxlib's version, the compiler and the CPU's flags, written atomically; later processes load it. Without a
+jaxlib's version, the compiler, the build flags and the CPU's flags, written atomically; later processes load it. Without a
 compiler, or if the build fails, models fall back to XLA's dots with one warning (the results are the same up
 to summation order). They are on where they win (``suited``): both with AVX-512, the small-row matmul also
 with AVX2; ``JAXSPEC_CPU_KERNELS=0`` turns them off, ``=1`` on anywhere (read when a function is traced).
