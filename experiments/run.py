@@ -44,7 +44,9 @@ CPU a batch of 2 made the prefill ~1.3x cheaper a record; decode gains where sma
 ``batch_size`` times faster).
 KV methods of one batch also share target prefills (``jaxspec.kv.pipeline.SharedPrefills``): one plain
 prefill serves ``full``, StreamingLLM, SnapKV/PyramidKV/AdaKV and SpecKV (scored by ``score_suffix``) and
-SpecKV-oracle's lookahead; H2O prefills on its own.
+SpecKV-oracle's lookahead. H2O, whose scores need every prompt row captured, prefills on its own; it runs
+first in a batch (as every ``prefills_alone`` method does), so that its prefill is the plain one too: one
+target prefill of the prompt a batch for the whole KV grid.
 
 Not shared: the draft passes of different methods of one batch (SpecKV's lookahead of ``max_new_tokens``
 tokens and SpecPC's attention pass over the prompt with its 1 or 20 tokens are different programs; only
@@ -230,6 +232,14 @@ def method_runner(spec: dict, target, draft):
     return KINDS[spec["kind"]][0](spec, target, draft)
 
 
+def prefills_alone(spec: dict) -> bool:
+    """Whether a normalised method entry is a kv method whose capturing prefill also serves as the batch's
+    plain one (``jaxspec.kv.base.Method.prefills_alone``)."""
+    from jaxspec.kv import METHODS as KV_METHODS
+
+    return spec["kind"] == "kv" and KV_METHODS[spec["method"]].prefills_alone
+
+
 def record_key(task: str, length, method: str, budget, index: int) -> str:
     return json.dumps([task, length, method, budget, index])
 
@@ -368,7 +378,7 @@ def run(cfg: dict, *, on_record: Callable[[dict], None] | None = None, models: t
                     by_n.setdefault(min(x.max_new_tokens, cfg["max_new_tokens"] or x.max_new_tokens), []).append(x)
                 for n_new, batch in by_n.items():
                     shared = SharedPrefills()  # e.g. SnapKV, PyramidKV and AdaKV, run in a row, prefill once
-                    for s in specs:
+                    for s in sorted(specs, key=lambda s: not prefills_alone(s)):  # H2O first: its prefill is plain
                         need = {x.index: missing[x.index][s["name"]] for x in batch}
                         rows = [x for x in batch if need[x.index]]
                         budgets = [b for b in s["budgets"] if any(b in need[x.index] for x in rows)]

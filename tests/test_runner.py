@@ -213,10 +213,12 @@ def test_kv_budget_sweep_equals_compress_per_capacity(tiny_pair, stage_calls, na
         compress_budgets(target, prompts, [methods[0], make_method(name, capacity=16, window_size=2, kernel_size=3)])
 
 
-def test_kv_methods_share_prefills_through_shared_prefills(tiny_pair, stage_calls):
+@pytest.mark.parametrize("h2o_first", [False, True])
+def test_kv_methods_share_prefills_through_shared_prefills(tiny_pair, stage_calls, h2o_first):
     """StreamingLLM's prefill is the plain one; SnapKV, PyramidKV and AdaKV with equal windows score the same
-    rows: run in a row on one batch they prefill once in all and score once, H2O prefills once more
-    (capturing every row), and each result equals the method's own sweep."""
+    rows: run in a row on one batch they prefill once in all and score once. H2O captures every row in a
+    prefill of its own, after the plain one; run first, its prefill is the plain one too (the capture leaves
+    the cache and logits as they are). Each result equals the method's own sweep, bit for bit."""
     import numpy as np
 
     from jaxspec.kv import make_method
@@ -224,13 +226,15 @@ def test_kv_methods_share_prefills_through_shared_prefills(tiny_pair, stage_call
 
     target, _ = tiny_pair
     prompts = tiny_prompts()
-    names = ["streamingllm", "snapkv", "pyramidkv", "adakv", "h2o"]
+    names = ["streamingllm", "snapkv", "pyramidkv", "adakv"]
+    names = ["h2o", *names] if h2o_first else [*names, "h2o"]
     params = {"streamingllm": {}, "h2o": {"window_size": 4}}
     sweeps = {n: [make_method(n, capacity=c, **params.get(n, {"window_size": 4, "kernel_size": 3}))
                   for c in (16, 24, 64)] for n in names}
     shared = SharedPrefills()
     got = {n: compress_budgets(target, prompts, sweeps[n], shared=shared) for n in names}
-    assert stage_calls["prefill"] == 2 and stage_calls["score_suffix"] == 1 and len(shared) == 2
+    assert stage_calls["prefill"] == (1 if h2o_first else 2) and stage_calls["score_suffix"] == 1
+    assert len(shared) == 2
     stage_calls.clear()
     for n in names:
         want = compress_budgets(target, prompts, sweeps[n])
@@ -239,7 +243,7 @@ def test_kv_methods_share_prefills_through_shared_prefills(tiny_pair, stage_call
             for x, y in [(a.cache.k, b.cache.k), (a.cache.v, b.cache.v), (a.cache.pos, b.cache.pos),
                          (a.logits, b.logits)]:
                 assert np.array_equal(np.asarray(x), np.asarray(y)), n
-    assert stage_calls["prefill"] == 6  # alone: a plain prefill each, H2O also its scored one
+    assert stage_calls["prefill"] == 5  # alone: one each (H2O's serves its uncompressed capacity 64 too)
 
 
 def test_kv_budget_sweep_splits_the_prefill_where_speckv_sparse_rows_differ(tiny_pair, stage_calls):
@@ -329,6 +333,27 @@ def test_kv_budgets_share_one_prefill_per_sample(tmp_path, stories, stage_calls)
             assert rec["kv"]["lookahead"] == stories.tokenizer.decode(plain, skip_special_tokens=False)
         else:
             assert "lookahead" not in rec["kv"]
+
+
+@needs_stories
+def test_h2o_runs_first_and_its_prefill_serves_the_batch(tmp_path, stories, stage_calls):
+    """Listed last, H2O still runs first in its batch, and its capturing prefill is the only target prefill:
+    ``full``, StreamingLLM and SnapKV (scored by feeding its window again) reuse it, each record as alone."""
+    from jaxspec.kv import make_method
+
+    methods = ["full", {"name": "streamingllm", "params": {"sink_size": 4}},
+               {"name": "snapkv", "params": {"window_size": 8}}, {"name": "h2o", "params": {"window_size": 8}}]
+    cfg = sweep_config(tmp_path / "run", methods, tasks=("niah_single_1",))
+    seen = []
+    out = run.run(cfg, models=(stories, stories), on_record=lambda r: seen.append(r["method"]))
+    records = run.read_records(out / "predictions.jsonl")
+    assert len(records) == 1 + 3 * 2 and seen[:2] == ["h2o", "h2o"]
+    assert stage_calls["prefill"] == 1 and stage_calls["score_suffix"] == 1
+    for rec in records:
+        spec = next(m for m in methods if isinstance(m, dict) and m["name"] == rec["method"]) \
+            if rec["method"] != "full" else None
+        kv = None if spec is None else make_method(spec["name"], **spec["params"], capacity=rec["budget"])
+        assert rec["prediction"] == unshared(stories, rec, kv=kv), rec["key"]
 
 
 @needs_stories

@@ -31,6 +31,9 @@ class Method:
     summary: ClassVar[str]
     needs_draft: ClassVar[bool] = False  # the lookahead comes from a draft model
     lookahead: ClassVar[bool] = False  # prefill prompt ⊕ lookahead; drop the final prompt entry, re-feed it
+    # its scores need a capturing prefill of its own (every prompt row: H2O), never ``score_suffix``; that dense
+    # prefill of the prompt alone is also the plain one, so a batch's runner does such methods first
+    prefills_alone: ClassVar[bool] = False
 
     def params(self) -> dict:
         return dataclasses.asdict(self)

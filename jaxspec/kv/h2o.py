@@ -19,6 +19,7 @@ class H2O(WindowMethod):
 
     name = "h2o"
     summary = "column sums of the prompt's attention (heavy hitters) + recent window"
+    prefills_alone = True
 
     def capture(self):
         return "mean", "sum"

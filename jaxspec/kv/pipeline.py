@@ -12,7 +12,9 @@ arrays, the method config and the model config are static):
    Where the captured rows are a short suffix and the prefill is dense (``rescore``: SnapKV, PyramidKV, AdaKV,
    SpecKV), the cache comes from the plain prefill of the prompt alone and ``score_suffix`` feeds only those
    rows (the window, SpecKV's lookahead) again to score it: the same scores up to float rounding, and one
-   plain prefill serves every such method (and ``full``, StreamingLLM) of a batch;
+   plain prefill serves every such method (and ``full``, StreamingLLM) of a batch. A dense capturing prefill
+   of the prompt alone (H2O's: every row) leaves cache and logits as the plain prefill's, bit for bit (the
+   capture scores its rows on the side), so it serves as the plain prefill too;
 3. ``compress_cache``: pooling, top-k, budget masks, gather into the compressed cache (static capacity
    ``method.slots``), and for SpecKV the re-feed of the final prompt token at position ``n - 1``;
 4. ``decode_compressed``: the compressed cache grown by the decode steps, then ``decode_loop``.
@@ -94,7 +96,7 @@ def rescore(method: Method, lengths, look_len, Ls: int, T: int) -> bool:
     kin, SpecKV: its window and lookahead) and its prefill is dense. H2O captures every row; SpecKV's sparse
     prefill needs the scores inside every layer of the pass that fills the cache."""
     capture = method.capture()
-    if capture is None or method.sparse_prefill(lengths, look_len, T + Ls) is not None:
+    if capture is None or method.prefills_alone or method.sparse_prefill(lengths, look_len, T + Ls) is not None:
         return False
     return 2 * method.query_rows(lengths, look_len, Ls, T)[2] <= T + Ls
 
@@ -213,7 +215,7 @@ class SharedPrefills(collections.OrderedDict):
     """Target prefills shared between the kv methods run on one batch (``compress_budgets(shared=...)``): the
     ``size`` most recently used are kept, since each holds a cache of the whole prompt (two serve methods
     that run one after another: the plain prefill, and the scores of SnapKV, PyramidKV and AdaKV or of
-    H2O's own prefill)."""
+    H2O's own prefill, which is the plain one too when H2O runs first)."""
 
     def __init__(self, size: int = 2):
         super().__init__()
@@ -272,7 +274,8 @@ def compress_budgets(target: Model, prompts: list[list[int]], methods: list[Meth
     between *methods* too: a prefill is reused wherever the prompts, the lookahead tokens and the
     ``prefill_key`` are equal (SnapKV, PyramidKV and AdaKV with equal windows share their scores), and the
     plain prefill wherever the prompts are (``full``, StreamingLLM, and every method scored by
-    ``score_suffix``). Results are the same as without it."""
+    ``score_suffix``); a dense capturing prefill without lookahead (H2O's) is stored as the plain prefill as
+    well, when none is there yet. Results are the same as without it."""
     check_budget_sweep(methods)
     check_draft(methods[0], target, draft)
     cfg = target.config
@@ -299,6 +302,9 @@ def compress_budgets(target: Model, prompts: list[list[int]], methods: list[Meth
                 empty = KVCache.create(cfg, len(prompts), T + Ls)
                 shared[key] = (*_run(prefill, (target.params, batch.tokens, batch.lengths, look, look_len, empty),
                                      {"cfg": cfg, "method": method}, t, "prefill"), t)
+                plain = (inputs, None, None)
+                if key != plain and look is None and key[2][2] is None and plain not in shared:
+                    shared[plain] = shared[key]  # a dense capture of the prompt alone fills the plain cache
             scored[key] = shared[key]
         return scored[key]
 
