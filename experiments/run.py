@@ -35,7 +35,8 @@ Without ``kind``: ``full`` for ``full``, ``kv`` for a ``jaxspec.kv`` method name
 
 Batches: ``batch_size`` (default 1) samples of one (task, length) with equal ``max_new_tokens`` go through each
 method together (every ``jaxspec`` path takes a batch of prompts; results do not depend on the batch beyond
-float rounding). Per batch, a method's missing budgets run as one sweep (one shared prefill or scoring pass);
+float rounding). Per batch, a method's missing budgets run as one sweep (one shared prefill or scoring pass; greedy kv
+sweeps also decode every budget's rows as one batch);
 records are still written one per (sample, budget), so a run killed inside a sweep resumes with the budgets
 left (a restart recomputes, for a batch, the union of its samples' missing budgets and writes only what is
 missing). A record's ``timings`` are its batch's and ``batch`` says how many prompts shared them. On a 2-core

@@ -246,6 +246,28 @@ def test_kv_methods_share_prefills_through_shared_prefills(tiny_pair, stage_call
     assert stage_calls["prefill"] == 5  # alone: one each (H2O's serves its uncompressed capacity 64 too)
 
 
+@pytest.mark.parametrize("temperature", [0.0, 0.8])
+def test_budget_sweep_decodes_its_budgets_as_one_batch(tiny_pair, stage_calls, temperature):
+    """Greedy, a sweep's compressed caches (capacities 16, 24 and 64: 64 holds every prompt, uncompressed)
+    decode in one loop, each row's tokens as its config's ``generate`` alone writes them; sampling decodes
+    each config on its own, so that a seed gives what it gives alone."""
+    from jaxspec.generation import Sampling
+    from jaxspec.kv import make_method
+    from jaxspec.kv.pipeline import generate, generate_budgets
+
+    target, _ = tiny_pair
+    prompts = tiny_prompts()
+    methods = [make_method("snapkv", capacity=c, window_size=4, kernel_size=3) for c in (16, 24, 64)]
+    sampling = Sampling.make(temperature)
+    swept = generate_budgets(target, prompts, methods, max_new_tokens=6, sampling=sampling, seed=3)
+    assert stage_calls["decode_compressed"] == (1 if temperature == 0 else 3)
+    for m, results in zip(methods, swept):
+        alone = generate(target, prompts, m, max_new_tokens=6, sampling=sampling, seed=3)
+        assert [(r.token_ids, r.finish_reason, r.kv["compressed"]) for r in results] == \
+            [(r.token_ids, r.finish_reason, r.kv["compressed"]) for r in alone], m
+    assert [r.kv["compressed"] for r in swept[-1]] == [False] * len(prompts)
+
+
 def test_kv_budget_sweep_splits_the_prefill_where_speckv_sparse_rows_differ(tiny_pair, stage_calls):
     """With its 5 lookahead tokens a 79-token prompt passes the sparse threshold (64 + 16); it is scored, so
     sparse, at capacity 16 but not at 78 (``n > capacity + 1`` fails), though both compress it: two prefills,

@@ -17,13 +17,14 @@ arrays, the method config and the model config are static):
    capture scores its rows on the side), so it serves as the plain prefill too;
 3. ``compress_cache``: pooling, top-k, budget masks, gather into the compressed cache (static capacity
    ``method.slots``), and for SpecKV the re-feed of the final prompt token at position ``n - 1``;
-4. ``decode_compressed``: the compressed cache grown by the decode steps, then ``decode_loop``.
+4. ``decode_compressed``: the compressed cache grown by the decode steps, then ``decode_loop``; a greedy
+   budget sweep decodes all its capacities' rows as one batch (``merge``).
 
 A batch whose prompts all fit in ``capacity`` is not compressed at all (and no lookahead is generated);
 in a mixed batch the short rows keep every entry. ``Compressed`` (the output of ``compress``) is not
 consumed by ``decode``, so one compressed prompt can be decoded many times. A budget sweep
 (``compress_budgets`` / ``generate_budgets``: configs differing only in ``capacity``) runs stages 1 and 2
-once and stage 3 once per capacity; ``SharedPrefills`` shares stage 2 between methods.
+once, stage 3 once per capacity and, greedy, stage 4 once; ``SharedPrefills`` shares stage 2 between methods.
 """
 
 from __future__ import annotations
@@ -411,23 +412,48 @@ def generate(target: Model, prompts: list[list[int]], kv: Method, *, draft: Mode
                             seed=seed, stop_ids=stop_ids, kept_indices=kept_indices, lookahead=lookahead)[0]
 
 
+def merge(cs: list[Compressed]) -> Compressed:
+    """The rows of ``cs`` (compressed with configs of one method, e.g. a budget sweep) as one batch: each
+    cache grown to the largest capacity (the extra slots empty, as ``grow`` leaves them: a row attends to its
+    own entries only) and stacked along the batch, rows of ``cs[0]`` first. ``method`` and ``lookahead`` are
+    the first's, ``timings`` empty: only the rows' cache, logits and positions matter to ``decode``."""
+    C = max(c.cache.capacity for c in cs)
+    caches = [grow(c.cache, C - c.cache.capacity) if c.cache.capacity < C else c.cache for c in cs]
+    cache = KVCache(*(jnp.concatenate([getattr(x, f) for x in caches], axis=0 if f == "length" else 1)
+                      for f in ("k", "v", "pos", "length")))
+    return Compressed(cs[0].method, cache, jnp.concatenate([c.logits for c in cs]),
+                      jnp.concatenate([c.next_pos for c in cs]), sum((c.prompt_lengths for c in cs), []),
+                      sum((c.compressed for c in cs), []), cs[0].lookahead, {})
+
+
 def generate_budgets(target: Model, prompts: list[list[int]], methods: list[Method], *, draft: Model | None = None,
                      max_new_tokens: int = 64, sampling: Sampling | None = None, seed: int = 0, stop_ids=(),
                      kept_indices: bool = False, lookahead: list[list[int]] | None = None,
                      shared: dict | None = None) -> list[list[GenerationResult]]:
     """``generate`` with each config of a budget sweep (``compress_budgets``: one draft lookahead and one
-    target prefill for all capacities; ``shared`` as there), each compressed cache decoded on its own; results
-    per config."""
+    target prefill for all capacities; ``shared`` as there); results per config. Greedy, the compressed
+    caches of all configs decode as one batch (``merge``): one decode loop reads the weights for every
+    budget's rows, and a row's tokens do not depend on the rows beside it (up to float rounding, as any
+    batch). Sampling decodes each config on its own with ``seed``, as ``generate`` would. The decode's
+    seconds appear in full in each result that shared it."""
     cs = compress_budgets(target, prompts, methods, draft=draft, max_new_tokens=max_new_tokens, stop_ids=stop_ids,
                           lookahead=lookahead, shared=shared)
     load = target.load_seconds + (draft.load_seconds if draft is not None else 0.0)
-    sweep = []
-    for c in cs:
-        out, decode_s, compile_s = decode(target, c, max_new_tokens=max_new_tokens, sampling=sampling, seed=seed,
+    greedy = sampling is None or float(sampling.temperature) == 0.0
+    groups = [cs] if greedy and len(cs) > 1 else [[c] for c in cs]
+    decoded = []  # per config: (tokens, n_gen, reasons, decode seconds, compile seconds, tokens a second)
+    for group in groups:
+        out, decode_s, compile_s = decode(target, merge(group) if len(group) > 1 else group[0],
+                                          max_new_tokens=max_new_tokens, sampling=sampling, seed=seed,
                                           stop_ids=stop_ids)
-        timings = dict(c.timings, decode=decode_s, compile=c.timings["compile"] + compile_s, load=load)
         tokens, n_gen, reasons = to_host(out.tokens), to_host(out.num_generated), to_host(out.finish_reason)
-        tps = (int(n_gen.sum()) - len(prompts)) / decode_s if decode_s > 0 else 0.0
+        tps = (int(n_gen.sum()) - len(n_gen)) / decode_s if decode_s > 0 else 0.0
+        for i in range(len(group)):
+            rows = slice(i * len(prompts), (i + 1) * len(prompts))
+            decoded.append((tokens[rows], n_gen[rows], reasons[rows], decode_s, compile_s, tps))
+    sweep = []
+    for c, (tokens, n_gen, reasons, decode_s, compile_s, tps) in zip(cs, decoded):
+        timings = dict(c.timings, decode=decode_s, compile=c.timings["compile"] + compile_s, load=load)
         results = []
         for b, acc in enumerate(accounting(c, target.config, kept_indices)):
             gen = tokens[b, : n_gen[b]].tolist()
