@@ -409,6 +409,9 @@ def main(argv: list[str] | None = None) -> None:
     if not argv or argv[0] in ("-h", "--help"):
         print(__doc__)
         return
+    from jaxspec.fetch import use_compile_cache
+
+    use_compile_cache()  # a resumed run loads the programs its last start compiled
     out = run(load_config(argv[0], argv[1:]))
     print(f"wrote {out}")
 

@@ -455,5 +455,14 @@ def main(argv: list[str] | None = None) -> int:
         return 2
 
 
+def entry() -> int:
+    """The ``jaxspec`` console script: ``main`` with the persistent compilation cache on
+    (``jaxspec.fetch.use_compile_cache``)."""
+    from jaxspec.fetch import use_compile_cache
+
+    use_compile_cache()
+    return main()
+
+
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(entry())

@@ -126,18 +126,21 @@ def generate_tokens(
 
 
 def decode_loop(params, cfg: ModelConfig, cache: KVCache, logits, next_pos, rng, max_new_tokens, stop_ids,
-                sampling: Sampling, *, max_steps: int, pad_id: int = 0) -> GenerationOutput:
+                sampling: Sampling, *, max_steps: int, pad_id: int = 0, clock: bool = True) -> GenerationOutput:
     """Sample the first token from ``logits [B, V]`` (the prefill's last position), then decode until every
     row stops. Traceable: called inside the jitted pipelines (plain generation, compressed caches).
 
     ``next_pos [B]`` is the RoPE position of the first generated token. A row stops on a stop id (the stop
     token is emitted), after ``max_new_tokens`` tokens, or when its cache is full (``cache_full``: the next
-    token would need a slot the cache does not have).
+    token would need a slot the cache does not have). ``clock`` (static): mark ``PREFILL_CLOCK`` when the
+    first token exists, for callers whose program also prefills; a program without it can be kept in the
+    persistent compilation cache.
     """
     B = logits.shape[0]
     capacity = cache.capacity
     first = sample_logits(logits, jax.random.fold_in(rng, 0), sampling)
-    jax.debug.callback(PREFILL_CLOCK.mark, first)  # host timestamp when the first token exists
+    if clock:  # a host timestamp when the first token exists (a program with a host callback is never kept
+        jax.debug.callback(PREFILL_CLOCK.mark, first)  # in the persistent compilation cache: only where needed)
 
     def finished(tok, n_out, reason):
         is_stop = (tok[:, None] == stop_ids[None, :]).any(axis=1)

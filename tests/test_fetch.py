@@ -251,3 +251,39 @@ def test_real_fetch_smollm2(tmp_path):
     with open(path, "rb") as f:
         assert f.read(4) == b"GGUF"
     assert _all_files(path.parent) == [e.filename]
+
+
+CACHE_PROBE = """
+import os, sys
+import jax
+from jaxspec.fetch import use_compile_cache
+print(use_compile_cache(sys.argv[1]))
+jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)  # keep even these tiny programs
+import jaxspec
+from jaxspec.kv import make_method
+from jaxspec.kv.pipeline import generate
+model = jaxspec.load(sys.argv[2])
+generate(model, [list(range(3, 40))], make_method("snapkv", capacity=16, window_size=4, kernel_size=3),
+         max_new_tokens=3)
+"""
+
+
+@pytest.mark.parametrize("env", [{}, {"JAXSPEC_XLA_CACHE": "0"}, {"JAX_COMPILATION_CACHE_DIR": "elsewhere"}])
+def test_compile_cache_keeps_the_kv_programs(tmp_path, tiny_hf, env):
+    """The entry points' persistent compilation cache lands in ``<cache root>/xla`` and holds the KV pipeline's
+    programs, the decode loop included (no host callback in it); ``JAXSPEC_XLA_CACHE=0`` turns it off and
+    ``JAX_COMPILATION_CACHE_DIR`` moves it."""
+    import os
+
+    model_dir, _ = tiny_hf("qwen2-bias")
+    base = {k: v for k, v in os.environ.items() if k not in ("JAXSPEC_XLA_CACHE", "JAX_COMPILATION_CACHE_DIR")}
+    out = subprocess.run([sys.executable, "-c", CACHE_PROBE, str(tmp_path / "root"), str(model_dir)], cwd=tmp_path,
+                         env={**base, **env}, capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr[-2000:]
+    where = {"JAXSPEC_XLA_CACHE": None, "JAX_COMPILATION_CACHE_DIR": "elsewhere"}.get(
+        next(iter(env), None), str(tmp_path / "root" / "xla"))
+    assert out.stdout.split()[0] == str(where)
+    assert (tmp_path / "root" / "xla").exists() == (not env)
+    if where is not None:
+        kept = {p.name.split("-")[0] for p in (tmp_path / where).iterdir()}
+        assert {"jit_prefill", "jit_score_suffix", "jit_decode_compressed"} <= kept, kept

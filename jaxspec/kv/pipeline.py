@@ -152,7 +152,7 @@ def decode_compressed(params, cache, logits, next_pos, rng, max_new_tokens, stop
            max_steps: int, pad_id: int = 0):
     """``decode_loop`` on a copy of ``cache`` grown by ``max_steps`` slots (``cache`` stays usable)."""
     return decode_loop(params, cfg, grow(cache, max_steps), logits, next_pos, rng, max_new_tokens, stop_ids,
-                       sampling, max_steps=max_steps, pad_id=pad_id)
+                       sampling, max_steps=max_steps, pad_id=pad_id, clock=False)  # decode only: timed whole
 
 
 @dataclasses.dataclass
