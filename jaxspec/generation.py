@@ -102,7 +102,7 @@ class GenerationOutput:
     cache: KVCache
 
 
-@functools.partial(jax.jit, static_argnames=("cfg", "max_steps", "pad_id"), donate_argnames=("cache",))
+@functools.partial(jax.jit, static_argnames=("cfg", "max_steps", "pad_id", "clock"), donate_argnames=("cache",))
 def generate_tokens(
     params,
     prompt_tokens,  # [B, T] right-padded
@@ -116,13 +116,15 @@ def generate_tokens(
     cfg: ModelConfig,
     max_steps: int,
     pad_id: int = 0,
+    clock: bool = True,
 ) -> GenerationOutput:
-    """Prefill the right-padded prompts into ``cache``, then ``decode_loop``."""
+    """Prefill the right-padded prompts into ``cache``, then ``decode_loop`` (``clock``: as there, marking
+    the end of the prefill for ``jaxspec.generate``'s timing split)."""
     B, T = prompt_tokens.shape
     positions = jnp.where(jnp.arange(T)[None, :] < prompt_lengths[:, None], jnp.arange(T)[None, :], -1)
     logits, cache, _ = forward(params, cfg, prompt_tokens, positions, cache, last_only=True, empty_cache=True)
     return decode_loop(params, cfg, cache, logits, prompt_lengths, rng, max_new_tokens, stop_ids, sampling,
-                       max_steps=max_steps, pad_id=pad_id)
+                       max_steps=max_steps, pad_id=pad_id, clock=clock)
 
 
 def decode_loop(params, cfg: ModelConfig, cache: KVCache, logits, next_pos, rng, max_new_tokens, stop_ids,

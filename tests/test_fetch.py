@@ -265,13 +265,15 @@ from jaxspec.kv.pipeline import generate
 model = jaxspec.load(sys.argv[2])
 generate(model, [list(range(3, 40))], make_method("snapkv", capacity=16, window_size=4, kernel_size=3),
          max_new_tokens=3)
+generate(model, [list(range(3, 40))], make_method("speckv", capacity=16, window_size=4, kernel_size=3),
+         draft=model, max_new_tokens=3)  # the draft's lookahead: generate_tokens without the prefill clock
 """
 
 
 @pytest.mark.parametrize("env", [{}, {"JAXSPEC_XLA_CACHE": "0"}, {"JAX_COMPILATION_CACHE_DIR": "elsewhere"}])
 def test_compile_cache_keeps_the_kv_programs(tmp_path, tiny_hf, env):
     """The entry points' persistent compilation cache lands in ``<cache root>/xla`` and holds the KV pipeline's
-    programs, the decode loop included (no host callback in it); ``JAXSPEC_XLA_CACHE=0`` turns it off and
+    programs, the decode loops included (no host callback in them: SpecKV's draft lookahead, the decode); ``JAXSPEC_XLA_CACHE=0`` turns it off and
     ``JAX_COMPILATION_CACHE_DIR`` moves it."""
     import os
 
@@ -286,4 +288,4 @@ def test_compile_cache_keeps_the_kv_programs(tmp_path, tiny_hf, env):
     assert (tmp_path / "root" / "xla").exists() == (not env)
     if where is not None:
         kept = {p.name.split("-")[0] for p in (tmp_path / where).iterdir()}
-        assert {"jit_prefill", "jit_score_suffix", "jit_decode_compressed"} <= kept, kept
+        assert {"jit_prefill", "jit_score_suffix", "jit_decode_compressed", "jit_generate_tokens"} <= kept, kept

@@ -332,8 +332,8 @@ def compress_budgets(target: Model, prompts: list[list[int]], methods: list[Meth
             else:
                 args = (draft.params, batch.tokens, batch.lengths, KVCache.create(draft.config, len(prompts), T + Ls),
                         jax.random.PRNGKey(0), jnp.int32(steps), _stops(stop_ids), Sampling.make(0.0))
-                out = _run(generate_tokens, args, {"cfg": draft.config, "max_steps": Ls, "pad_id": pad_id}, lead,
-                           "draft")
+                out = _run(generate_tokens, args, {"cfg": draft.config, "max_steps": Ls, "pad_id": pad_id,
+                                                   "clock": False}, lead, "draft")
             look, look_len = out.tokens, out.num_generated
             lookahead = [r[:m].tolist() for r, m in zip(to_host(look), to_host(look_len))]
         Ls = 0 if look is None else look.shape[1]
