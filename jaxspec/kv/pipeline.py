@@ -304,7 +304,8 @@ def compress_budgets(target: Model, prompts: list[list[int]], methods: list[Meth
                 shared[key] = (*_run(prefill, (target.params, batch.tokens, batch.lengths, look, look_len, empty),
                                      {"cfg": cfg, "method": method}, t, "prefill"), t)
                 plain = (inputs, None, None)
-                if key != plain and look is None and key[2][2] is None and plain not in shared:
+                dense = method.sparse_prefill(batch.lengths, look_len, T + Ls) is None
+                if key != plain and look is None and dense and plain not in shared:
                     shared[plain] = shared[key]  # a dense capture of the prompt alone fills the plain cache
             scored[key] = shared[key]
         return scored[key]
