@@ -35,11 +35,13 @@ Without ``kind``: ``full`` for ``full``, ``kv`` for a ``jaxspec.kv`` method name
 
 Batches: ``batch_size`` (default 1) samples of one (task, length) with equal ``max_new_tokens`` go through each
 method together (every ``jaxspec`` path takes a batch of prompts; results do not depend on the batch beyond
-float rounding). Per batch, a method's missing budgets run as one sweep (one shared prefill or scoring pass; greedy kv
-sweeps also decode every budget's rows as one batch);
-records are still written one per (sample, budget), so a run killed inside a sweep resumes with the budgets
-left (a restart recomputes, for a batch, the union of its samples' missing budgets and writes only what is
-missing). A record's ``timings`` are its batch's and ``batch`` says how many prompts shared them. On a 2-core
+float rounding). Per batch, a method's missing budgets run as one sweep (one shared prefill or scoring pass),
+and the kv methods (``full`` included) first compress, then decode every config's rows as one greedy batch
+(``jaxspec.kv.pipeline.decode_sweeps``: one decode loop for the batch's whole KV grid, where decode at batch 1
+would read the weights once per config and step). Records are still written one per (sample, budget), so a
+run killed inside a sweep resumes with the budgets left (a restart recomputes, for a batch, the union of its
+samples' missing budgets and writes only what is missing). A record's ``timings`` are its batch's (a merged
+decode's seconds split among its configs by rows) and ``batch`` says how many prompts shared them. On a 2-core
 CPU a batch of 2 made the prefill ~1.3x cheaper a record; decode gains where small-row matmuls are cheap
 (the CPU kernel with AVX2 or AVX-512: 1.65x at batch 2 on an AVX2 EPYC; a GPU, where the grid runs up to
 ``batch_size`` times faster).
@@ -178,16 +180,14 @@ def _capacity(budget) -> dict:
 
 
 def _kv(spec, target, draft):
-    from jaxspec.api import prepare_request
-    from jaxspec.generation import Sampling
+    from jaxspec.api import default_stop_ids
     from jaxspec.kv import make_method
-    from jaxspec.kv.pipeline import generate_budgets
+    from jaxspec.kv.pipeline import compress_budgets
 
-    def run(prompts, n, budgets, shared):
+    def run(prompts, n, budgets, shared):  # compressed caches: the batch's kv methods decode them together
         methods = [make_method(spec["method"], **spec["params"], **_capacity(b)) for b in budgets]
-        req = prepare_request(target, prompts, n, False, None, None)  # the stop ids jaxspec.generate uses
-        return generate_budgets(target, req.ids, methods, draft=draft if methods[0].needs_draft else None,
-                                max_new_tokens=n, sampling=Sampling.make(), stop_ids=req.stop_ids, shared=shared)
+        return compress_budgets(target, prompts, methods, draft=draft if methods[0].needs_draft else None,
+                                max_new_tokens=n, stop_ids=default_stop_ids(target), shared=shared)
 
     return run
 
@@ -218,18 +218,19 @@ def _drafter(spec, target, draft):
                                                                      max_new_tokens=n)]
 
 
-# kind -> (builder(spec, target, draft) -> run(prompts, max_new_tokens, budgets, shared) -> [[GenerationResult
-#          per prompt] per budget], takes budgets); ``shared``: the batch's ``SharedPrefills`` (kv methods reuse
-#          target prefills)
+# kind -> (builder(spec, target, draft) -> run(prompts, max_new_tokens, budgets, shared), takes budgets);
+#          ``shared``: the batch's ``SharedPrefills`` (kv methods reuse target prefills)
 KINDS: dict[str, tuple[Callable, bool]] = {"full": (_kv, False), "kv": (_kv, True), "pc": (_pc, True),
                                            "drafter": (_drafter, False)}
+DEFERRED = {"full", "kv"}  # kinds whose run returns compressed caches, decoded once for the whole batch
 
 
 def method_runner(spec: dict, target, draft):
-    """``run(prompts, max_new_tokens, budgets, shared) -> [[GenerationResult per prompt] per budget]`` for a
-    normalised method entry: one batch of token-id prompts; the budgets of one call share what their method
-    allows (a prefill, a draft scoring pass), and kv methods share target prefills through ``shared`` (a
-    ``SharedPrefills`` kept for one batch)."""
+    """``run(prompts, max_new_tokens, budgets, shared)`` for a normalised method entry, on one batch of token-id
+    prompts: ``[[GenerationResult per prompt] per budget]``, or for the ``DEFERRED`` kinds the budgets'
+    ``jaxspec.kv.pipeline.Compressed`` caches, which ``run`` decodes with every other kv method's of the batch
+    (``decode_sweeps``). The budgets of one call share what their method allows (a prefill, a draft scoring
+    pass), and kv methods share target prefills through ``shared`` (a ``SharedPrefills`` kept for one batch)."""
     return KINDS[spec["kind"]][0](spec, target, draft)
 
 
@@ -335,7 +336,9 @@ def run(cfg: dict, *, on_record: Callable[[dict], None] | None = None, models: t
 
     from experiments import metrics
     from experiments.data import PromptFormat, dataset_module
-    from jaxspec.kv.pipeline import SharedPrefills
+    from jaxspec.api import default_stop_ids
+    from jaxspec.generation import Sampling
+    from jaxspec.kv.pipeline import SharedPrefills, decode_sweeps
 
     out = Path(cfg["out"])
     out.mkdir(parents=True, exist_ok=True)
@@ -379,15 +382,9 @@ def run(cfg: dict, *, on_record: Callable[[dict], None] | None = None, models: t
                     by_n.setdefault(min(x.max_new_tokens, cfg["max_new_tokens"] or x.max_new_tokens), []).append(x)
                 for n_new, batch in by_n.items():
                     shared = SharedPrefills()  # e.g. SnapKV, PyramidKV and AdaKV, run in a row, prefill once
-                    for s in sorted(specs, key=lambda s: not prefills_alone(s)):  # H2O first: its prefill is plain
-                        need = {x.index: missing[x.index][s["name"]] for x in batch}
-                        rows = [x for x in batch if need[x.index]]
-                        budgets = [b for b in s["budgets"] if any(b in need[x.index] for x in rows)]
-                        if not rows:
-                            continue
-                        bar.set_description(f"{task}@{length} {s['name']}" + ("" if budgets == [None] else
-                                                                             f"/{budgets}") + f" x{len(rows)}")
-                        sweep = runners[s["name"]]([x.ids for x in rows], n_new, budgets, shared)
+                    deferred = []  # (spec, rows, budgets, compressed caches) of the kv methods, decoded together
+
+                    def write(s, rows, budgets, sweep, need):
                         for b, results in zip(budgets, sweep):
                             for x, result in zip(rows, results):
                                 if b not in need[x.index]:  # done before a restart; recomputed for the batch
@@ -400,6 +397,26 @@ def run(cfg: dict, *, on_record: Callable[[dict], None] | None = None, models: t
                                 bar.update()
                                 if on_record is not None:
                                     on_record(rec)
+
+                    for s in sorted(specs, key=lambda s: not prefills_alone(s)):  # H2O first: its prefill is plain
+                        need = {x.index: missing[x.index][s["name"]] for x in batch}
+                        rows = [x for x in batch if need[x.index]]
+                        budgets = [b for b in s["budgets"] if any(b in need[x.index] for x in rows)]
+                        if not rows:
+                            continue
+                        bar.set_description(f"{task}@{length} {s['name']}" + ("" if budgets == [None] else
+                                                                             f"/{budgets}") + f" x{len(rows)}")
+                        made = runners[s["name"]]([x.ids for x in rows], n_new, budgets, shared)
+                        if s["kind"] in DEFERRED:
+                            deferred.append((s, rows, budgets, made, need))
+                        else:
+                            write(s, rows, budgets, made, need)
+                    if deferred:
+                        bar.set_description(f"{task}@{length} decode x{sum(len(d[1]) * len(d[2]) for d in deferred)}")
+                        sweeps = decode_sweeps(target, [d[3] for d in deferred], max_new_tokens=n_new,
+                                               sampling=Sampling.make(), stop_ids=default_stop_ids(target))
+                        for (s, rows, budgets, _, need), sweep in zip(deferred, sweeps):
+                            write(s, rows, budgets, sweep, need)
     write_json(out / "metrics.json", metrics.aggregate(read_records(path)))
     return out
 

@@ -173,6 +173,12 @@ class Request:
     capacity: int  # KV cache slots
 
 
+def default_stop_ids(model: Model) -> list[int]:
+    """The ids generation stops at when the caller names none: the config's and the tokenizer's end tokens."""
+    tok_eos = getattr(model.tokenizer, "eos_ids", ()) or ()
+    return sorted(set(model.config.eos_token_ids) | set(tok_eos))
+
+
 def prepare_request(model: Model, prompts, max_new_tokens: int, chat: bool, stop_ids, cache_capacity) -> Request:
     """Shared front half of every generation path (plain, KV-compressed, speculative)."""
     single = isinstance(prompts, str) or (len(prompts) > 0 and isinstance(prompts[0], (int, np.integer)))
@@ -183,8 +189,7 @@ def prepare_request(model: Model, prompts, max_new_tokens: int, chat: bool, stop
         raise InputError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
     ids = [encode_prompt(model, p, chat=chat) for p in batch]
     if stop_ids is None:
-        tok_eos = getattr(model.tokenizer, "eos_ids", ()) or ()
-        stop_ids = sorted(set(model.config.eos_token_ids) | set(tok_eos))
+        stop_ids = default_stop_ids(model)
     prepared = pad_prompts(ids, PAD_ID)
     max_steps = bucket(max_new_tokens)
     T = prepared.tokens.shape[1]

@@ -268,6 +268,37 @@ def test_budget_sweep_decodes_its_budgets_as_one_batch(tiny_pair, stage_calls, t
     assert [r.kv["compressed"] for r in swept[-1]] == [False] * len(prompts)
 
 
+def test_sweeps_of_several_methods_decode_as_one_batch(tiny_pair, stage_calls):
+    """The compressed caches of several methods' sweeps (different capacities, SpecKV's with its re-fed token,
+    PyramidKV's per-layer and AdaKV's per-head budgets, ``full``'s whole prompt) decode greedily in one
+    loop, each row as its config alone; the merged decode's seconds are split among the configs by rows."""
+    from jaxspec.kv import make_method
+    from jaxspec.kv.pipeline import SharedPrefills, compress_budgets, decode_sweeps, generate
+
+    target, draft = tiny_pair
+    prompts = tiny_prompts()
+    sweeps = {"full": [make_method("full")],
+              **{n: [make_method(n, capacity=c, window_size=4, kernel_size=3) for c in (16, 24)]
+                 for n in ("pyramidkv", "adakv", "speckv")}}
+    shared = SharedPrefills()
+    cs = [compress_budgets(target, prompts, ms, draft=draft if n == "speckv" else None, max_new_tokens=6,
+                           shared=shared) for n, ms in sweeps.items()]
+    stage_calls.clear()
+    got = decode_sweeps(target, cs, max_new_tokens=6)
+    assert stage_calls["decode_compressed"] == 1
+    assert [len(g) for g in got] == [1, 2, 2, 2] and all(len(r) == len(prompts) for g in got for r in g)
+    total = {r.timings["decode"] for g in got for rs in g for r in rs}
+    assert len(total) == 1  # every config has 3 of the 21 rows
+    for (n, ms), g in zip(sweeps.items(), got):
+        for m, results in zip(ms, g):
+            alone = generate(target, prompts, m, draft=draft if n == "speckv" else None, max_new_tokens=6)
+            assert [(r.token_ids, r.finish_reason) for r in results] == \
+                [(r.token_ids, r.finish_reason) for r in alone], (n, m)
+    rows = [r for g in got for rs in g for r in rs]
+    merged = (sum(len(r.token_ids) for r in rows) - len(rows)) / rows[0].tokens_per_second  # the loop's seconds
+    assert next(iter(total)) == pytest.approx(merged * 3 / 21)
+
+
 def test_kv_budget_sweep_splits_the_prefill_where_speckv_sparse_rows_differ(tiny_pair, stage_calls):
     """With its 5 lookahead tokens a 79-token prompt passes the sparse threshold (64 + 16); it is scored, so
     sparse, at capacity 16 but not at 78 (``n > capacity + 1`` fails), though both compress it: two prefills,
@@ -360,7 +391,8 @@ def test_kv_budgets_share_one_prefill_per_sample(tmp_path, stories, stage_calls)
 @needs_stories
 def test_h2o_runs_first_and_its_prefill_serves_the_batch(tmp_path, stories, stage_calls):
     """Listed last, H2O still runs first in its batch, and its capturing prefill is the only target prefill:
-    ``full``, StreamingLLM and SnapKV (scored by feeding its window again) reuse it, each record as alone."""
+    ``full``, StreamingLLM and SnapKV (scored by feeding its window again) reuse it. All 7 configs then decode
+    as one batch, in one loop; each record as alone."""
     from jaxspec.kv import make_method
 
     methods = ["full", {"name": "streamingllm", "params": {"sink_size": 4}},
@@ -371,6 +403,8 @@ def test_h2o_runs_first_and_its_prefill_serves_the_batch(tmp_path, stories, stag
     records = run.read_records(out / "predictions.jsonl")
     assert len(records) == 1 + 3 * 2 and seen[:2] == ["h2o", "h2o"]
     assert stage_calls["prefill"] == 1 and stage_calls["score_suffix"] == 1
+    assert stage_calls["decode_compressed"] == 1 and {r["batch"] for r in records} == {1}
+    assert len({r["timings"]["decode"] for r in records}) == 1  # the merged decode, a seventh to each record
     for rec in records:
         spec = next(m for m in methods if isinstance(m, dict) and m["name"] == rec["method"]) \
             if rec["method"] != "full" else None

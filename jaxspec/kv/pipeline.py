@@ -17,8 +17,9 @@ arrays, the method config and the model config are static):
    capture scores its rows on the side), so it serves as the plain prefill too;
 3. ``compress_cache``: pooling, top-k, budget masks, gather into the compressed cache (static capacity
    ``method.slots``), and for SpecKV the re-feed of the final prompt token at position ``n - 1``;
-4. ``decode_compressed``: the compressed cache grown by the decode steps, then ``decode_loop``; a greedy
-   budget sweep decodes all its capacities' rows as one batch (``merge``).
+4. ``decode_compressed``: the compressed cache grown by the decode steps, then ``decode_loop``; greedy,
+   ``decode_sweeps`` decodes the rows of many compressed configs (a budget sweep's capacities, every kv
+   method of an evaluation batch) as one batch (``merge``).
 
 A batch whose prompts all fit in ``capacity`` is not compressed at all (and no lookahead is generated);
 in a mixed batch the short rows keep every entry. ``Compressed`` (the output of ``compress``) is not
@@ -344,13 +345,15 @@ def compress_budgets(target: Model, prompts: list[list[int]], methods: list[Meth
                 keys[i] = (inputs, look_key, prefill_key(m, batch.lengths, look_len, Ls, T))
                 prefilled(keys[i], m, look, look_len, Ls)
     out = []
+    load = {"load": target.load_seconds + (draft.load_seconds if draft is not None else 0.0)}
     for m, f, key in zip(methods, flags, keys):
         if not any(f):  # every prompt fits: the plain prefill (the key of a method without capture)
             logits, cache, _, t = prefilled((inputs, None, None), Full(), None, None, 0)
-            out.append(Compressed(m, cache, logits, batch.lengths, lengths, f, None, dict(t, draft=0.0, score=0.0)))
+            out.append(Compressed(m, cache, logits, batch.lengths, lengths, f, None,
+                                  dict(t, draft=0.0, score=0.0, **load)))
             continue
         logits, cache, scores, t = scored[key]
-        timings = {**lead, **t, "compile": lead.get("compile", 0.0) + t["compile"]}
+        timings = {**lead, **t, "compile": lead.get("compile", 0.0) + t["compile"], **load}
         args = (target.params, cache, scores, logits, batch.tokens, batch.lengths)
         small, first = _run(compress_cache, args, {"cfg": cfg, "method": m, "k": m.slots(T, cfg.num_kv_heads)},
                             timings, "score")
@@ -414,7 +417,7 @@ def generate(target: Model, prompts: list[list[int]], kv: Method, *, draft: Mode
 
 
 def merge(cs: list[Compressed]) -> Compressed:
-    """The rows of ``cs`` (compressed with configs of one method, e.g. a budget sweep) as one batch: each
+    """The rows of ``cs`` (compressed with any configs: a budget sweep, several methods) as one batch: each
     cache grown to the largest capacity (the extra slots empty, as ``grow`` leaves them: a row attends to its
     own entries only) and stacked along the batch, rows of ``cs[0]`` first. ``method`` and ``lookahead`` are
     the first's, ``timings`` empty: only the rows' cache, logits and positions matter to ``decode``."""
@@ -427,39 +430,50 @@ def merge(cs: list[Compressed]) -> Compressed:
                       sum((c.compressed for c in cs), []), cs[0].lookahead, {})
 
 
-def generate_budgets(target: Model, prompts: list[list[int]], methods: list[Method], *, draft: Model | None = None,
-                     max_new_tokens: int = 64, sampling: Sampling | None = None, seed: int = 0, stop_ids=(),
-                     kept_indices: bool = False, lookahead: list[list[int]] | None = None,
-                     shared: dict | None = None) -> list[list[GenerationResult]]:
-    """``generate`` with each config of a budget sweep (``compress_budgets``: one draft lookahead and one
-    target prefill for all capacities; ``shared`` as there); results per config. Greedy, the compressed
-    caches of all configs decode as one batch (``merge``): one decode loop reads the weights for every
-    budget's rows, and a row's tokens do not depend on the rows beside it (up to float rounding, as any
-    batch). Sampling decodes each config on its own with ``seed``, as ``generate`` would. The decode's
-    seconds appear in full in each result that shared it."""
-    cs = compress_budgets(target, prompts, methods, draft=draft, max_new_tokens=max_new_tokens, stop_ids=stop_ids,
-                          lookahead=lookahead, shared=shared)
-    load = target.load_seconds + (draft.load_seconds if draft is not None else 0.0)
+def decode_sweeps(target: Model, sweeps: list[list[Compressed]], *, max_new_tokens: int = 64,
+                  sampling: Sampling | None = None, seed: int = 0, stop_ids=(),
+                  kept_indices: bool = False) -> list[list[list[GenerationResult]]]:
+    """Decode the compressed configs of several sweeps (``compress_budgets`` outputs: the budgets of one
+    method, or of every kv method run on one batch); results per sweep, per config, per prompt. Greedy, every
+    config's rows decode as one batch (``merge``): one decode loop reads the weights for all of them, and a
+    row's tokens do not depend on the rows beside it (up to float rounding, as in any batch). Sampling decodes
+    each config on its own with ``seed``, as ``generate`` would. A merged decode's seconds are split among its
+    configs by their rows (``timings["decode"]``); ``tokens_per_second`` is the merged batch's."""
+    configs = [c for cs in sweeps for c in cs]
     greedy = sampling is None or float(sampling.temperature) == 0.0
-    groups = [cs] if greedy and len(cs) > 1 else [[c] for c in cs]
-    decoded = []  # per config: (tokens, n_gen, reasons, decode seconds, compile seconds, tokens a second)
+    groups = [configs] if greedy and len(configs) > 1 else [[c] for c in configs]
+    results = []  # per config
     for group in groups:
         out, decode_s, compile_s = decode(target, merge(group) if len(group) > 1 else group[0],
                                           max_new_tokens=max_new_tokens, sampling=sampling, seed=seed,
                                           stop_ids=stop_ids)
         tokens, n_gen, reasons = to_host(out.tokens), to_host(out.num_generated), to_host(out.finish_reason)
         tps = (int(n_gen.sum()) - len(n_gen)) / decode_s if decode_s > 0 else 0.0
-        for i in range(len(group)):
-            rows = slice(i * len(prompts), (i + 1) * len(prompts))
-            decoded.append((tokens[rows], n_gen[rows], reasons[rows], decode_s, compile_s, tps))
-    sweep = []
-    for c, (tokens, n_gen, reasons, decode_s, compile_s, tps) in zip(cs, decoded):
-        timings = dict(c.timings, decode=decode_s, compile=c.timings["compile"] + compile_s, load=load)
-        results = []
-        for b, acc in enumerate(accounting(c, target.config, kept_indices)):
-            gen = tokens[b, : n_gen[b]].tolist()
-            text = target.tokenizer.decode(gen) if target.tokenizer is not None else None
-            results.append(GenerationResult(gen, text, FINISH_NAMES[int(reasons[b])], c.prompt_lengths[b],
-                                            dict(timings), tps, kv=acc))
-        sweep.append(results)
-    return sweep
+        first = 0
+        for c in group:
+            rows = range(first, first + len(c.prompt_lengths))
+            first = rows.stop
+            timings = dict(c.timings, decode=decode_s * len(rows) / len(n_gen),
+                           compile=c.timings["compile"] + compile_s)
+            config = []
+            for b, acc in zip(rows, accounting(c, target.config, kept_indices)):
+                gen = tokens[b, : n_gen[b]].tolist()
+                text = target.tokenizer.decode(gen) if target.tokenizer is not None else None
+                config.append(GenerationResult(gen, text, FINISH_NAMES[int(reasons[b])],
+                                               c.prompt_lengths[b - rows.start], dict(timings), tps, kv=acc))
+            results.append(config)
+    it = iter(results)
+    return [[next(it) for _ in cs] for cs in sweeps]
+
+
+def generate_budgets(target: Model, prompts: list[list[int]], methods: list[Method], *, draft: Model | None = None,
+                     max_new_tokens: int = 64, sampling: Sampling | None = None, seed: int = 0, stop_ids=(),
+                     kept_indices: bool = False, lookahead: list[list[int]] | None = None,
+                     shared: dict | None = None) -> list[list[GenerationResult]]:
+    """``generate`` with each config of a budget sweep (``compress_budgets``: one draft lookahead and one
+    target prefill for all capacities; ``shared`` as there), then ``decode_sweeps`` (greedy: every
+    capacity's rows as one batch); results per config."""
+    cs = compress_budgets(target, prompts, methods, draft=draft, max_new_tokens=max_new_tokens, stop_ids=stop_ids,
+                          lookahead=lookahead, shared=shared)
+    return decode_sweeps(target, [cs], max_new_tokens=max_new_tokens, sampling=sampling, seed=seed,
+                         stop_ids=stop_ids, kept_indices=kept_indices)[0]
