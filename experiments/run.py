@@ -37,8 +37,8 @@ Batches: ``batch_size`` (default 1) samples of one (task, length) with equal ``m
 method together (every ``jaxspec`` path takes a batch of prompts; results do not depend on the batch beyond
 float rounding). Per batch, a method's missing budgets run as one sweep (one shared prefill or scoring pass),
 and the kv methods (``full`` included) first compress, then decode every config's rows as one greedy batch
-(``jaxspec.kv.pipeline.decode_sweeps``: one decode loop for the batch's whole KV grid, where decode at batch 1
-would read the weights once per config and step). Records are still written one per (sample, budget), so a
+(``jaxspec.kv.pipeline.decode_sweeps``: one decode loop for the batch's compressed configs and one for its
+uncompressed ones, where decode at batch 1 would read the weights once per config and step). Records are still written one per (sample, budget), so a
 run killed inside a sweep resumes with the budgets left (a restart recomputes, for a batch, the union of its
 samples' missing budgets and writes only what is missing). A record's ``timings`` are its batch's (a merged
 decode's seconds split among its configs by rows) and ``batch`` says how many prompts shared them. On a 2-core

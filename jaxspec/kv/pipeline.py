@@ -430,27 +430,46 @@ def merge(cs: list[Compressed]) -> Compressed:
                       sum((c.compressed for c in cs), []), cs[0].lookahead, {})
 
 
+MERGE_SPREAD = 4  # merged rows all grow to the group's largest capacity: merge capacities within this ratio
+
+
+def merge_groups(cs: list[Compressed], spread: float = MERGE_SPREAD) -> list[list[int]]:
+    """Indices of ``cs`` to decode together: in ascending capacity (ties by index), a config joins the current
+    group while its capacity is at most ``spread`` times the group's smallest. A merged decode grows every row
+    to the group's largest capacity, so the small caches of a budget sweep (64-256 entries) merge, and an
+    uncompressed prompt's (``full``, thousands) decodes with its like, not in every row's memory and reads."""
+    groups: list[list[int]] = []
+    for i in sorted(range(len(cs)), key=lambda i: (cs[i].cache.capacity, i)):
+        if groups and cs[i].cache.capacity <= spread * cs[groups[-1][0]].cache.capacity:
+            groups[-1].append(i)
+        else:
+            groups.append([i])
+    return groups
+
+
 def decode_sweeps(target: Model, sweeps: list[list[Compressed]], *, max_new_tokens: int = 64,
                   sampling: Sampling | None = None, seed: int = 0, stop_ids=(),
                   kept_indices: bool = False) -> list[list[list[GenerationResult]]]:
     """Decode the compressed configs of several sweeps (``compress_budgets`` outputs: the budgets of one
-    method, or of every kv method run on one batch); results per sweep, per config, per prompt. Greedy, every
-    config's rows decode as one batch (``merge``): one decode loop reads the weights for all of them, and a
-    row's tokens do not depend on the rows beside it (up to float rounding, as in any batch). Sampling decodes
-    each config on its own with ``seed``, as ``generate`` would. A merged decode's seconds are split among its
-    configs by their rows (``timings["decode"]``); ``tokens_per_second`` is the merged batch's."""
+    method, or of every kv method run on one batch); results per sweep, per config, per prompt. Greedy, the
+    configs of each ``merge_groups`` group decode as one batch (``merge``): one decode loop reads the weights
+    for all their rows, and a row's tokens do not depend on the rows beside it (up to float rounding, as in
+    any batch). Sampling decodes each config on its own with ``seed``, as ``generate`` would. A merged
+    decode's seconds are split among its configs by their rows (``timings["decode"]``);
+    ``tokens_per_second`` is the merged batch's."""
     configs = [c for cs in sweeps for c in cs]
     greedy = sampling is None or float(sampling.temperature) == 0.0
-    groups = [configs] if greedy and len(configs) > 1 else [[c] for c in configs]
-    results = []  # per config
-    for group in groups:
+    groups = merge_groups(configs) if greedy else [[i] for i in range(len(configs))]
+    results = {}  # config index -> its results
+    for indices in groups:
+        group = [configs[i] for i in indices]
         out, decode_s, compile_s = decode(target, merge(group) if len(group) > 1 else group[0],
                                           max_new_tokens=max_new_tokens, sampling=sampling, seed=seed,
                                           stop_ids=stop_ids)
         tokens, n_gen, reasons = to_host(out.tokens), to_host(out.num_generated), to_host(out.finish_reason)
         tps = (int(n_gen.sum()) - len(n_gen)) / decode_s if decode_s > 0 else 0.0
         first = 0
-        for c in group:
+        for i, c in zip(indices, group):
             rows = range(first, first + len(c.prompt_lengths))
             first = rows.stop
             timings = dict(c.timings, decode=decode_s * len(rows) / len(n_gen),
@@ -461,9 +480,9 @@ def decode_sweeps(target: Model, sweeps: list[list[Compressed]], *, max_new_toke
                 text = target.tokenizer.decode(gen) if target.tokenizer is not None else None
                 config.append(GenerationResult(gen, text, FINISH_NAMES[int(reasons[b])],
                                                c.prompt_lengths[b - rows.start], dict(timings), tps, kv=acc))
-            results.append(config)
-    it = iter(results)
-    return [[next(it) for _ in cs] for cs in sweeps]
+            results[i] = config
+    it = iter(range(len(configs)))
+    return [[results[next(it)] for _ in cs] for cs in sweeps]
 
 
 def generate_budgets(target: Model, prompts: list[list[int]], methods: list[Method], *, draft: Model | None = None,
