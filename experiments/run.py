@@ -21,8 +21,9 @@ budget?}``, turned into ``jaxspec`` calls by ``method_runner``:
   ``capacity`` = the budget (``jaxspec.kv.pipeline.generate_budgets``, which is ``jaxspec.generate(kv=...,
   draft=...)`` per budget with the draft lookahead and the target prefill shared by the budgets);
 * ``pc``: a ``jaxspec.pc`` prompt-compression method (``specpc``, ``specprefill``, ``draft-ppl``, ``recency``,
-  ``random``) through ``jaxspec.pc.pipeline.generate_budgets`` (``jaxspec.generate(pc=..., draft=...)`` per
-  budget, one draft scoring pass for all budgets). ``kv`` / ``kv_params`` add a KV method after it (``kv:
+  ``random``) through ``jaxspec.pc.pipeline.prefill_budgets`` (``jaxspec.generate(pc=..., draft=...)`` per
+  budget up to its decode, one draft scoring pass for all budgets; SpecPrefill, which prefills at the
+  original positions, through ``generate_budgets``). ``kv`` / ``kv_params`` add a KV method after it (``kv:
   speckv`` is SpecKV-PC, reusing the draft's lookahead); ``budget`` says which capacity the budgets set:
   ``pc`` (default) or ``kv`` (the pc capacity then comes from ``params``, e.g. SpecKV-PC's 2048, and one
   compression and one target prefill serve every kv budget);
@@ -36,9 +37,11 @@ Without ``kind``: ``full`` for ``full``, ``kv`` for a ``jaxspec.kv`` method name
 Batches: ``batch_size`` (default 1) samples of one (task, length) with equal ``max_new_tokens`` go through each
 method together (every ``jaxspec`` path takes a batch of prompts; results do not depend on the batch beyond
 float rounding). Per batch, a method's missing budgets run as one sweep (one shared prefill or scoring pass),
-and the kv methods (``full`` included) first compress, then decode every config's rows as one greedy batch
-(``jaxspec.kv.pipeline.decode_sweeps``: one decode loop for the batch's compressed configs and one for its
-uncompressed ones, where decode at batch 1 would read the weights once per config and step). Records are still written one per (sample, budget), so a
+and the kv methods (``full`` included) and the prompt compressors (but SpecPrefill) first compress and
+prefill, then decode every config's rows as one greedy batch (``jaxspec.kv.pipeline.decode_sweeps``: one
+decode loop for the caches within ``MERGE_SPREAD`` times each other's capacity, e.g. one for the batch's
+compressed configs and one for its uncompressed ones, where decode at batch 1 would read the weights once per
+config and step). Records are still written one per (sample, budget), so a
 run killed inside a sweep resumes with the budgets left (a restart recomputes, for a batch, the union of its
 samples' missing budgets and writes only what is missing). A record's ``timings`` are its batch's (a merged
 decode's seconds split among its configs by rows) and ``batch`` says how many prompts shared them. On a 2-core
@@ -193,18 +196,22 @@ def _kv(spec, target, draft):
 
 
 def _pc(spec, target, draft):
+    from jaxspec.api import default_stop_ids
     from jaxspec.kv import make_method as make_kv
     from jaxspec.pc import make_method as make_pc
-    from jaxspec.pc.pipeline import generate_budgets
+    from jaxspec.pc.pipeline import generate_budgets, prefill_budgets
 
-    def run(prompts, n, budgets, shared):
+    def run(prompts, n, budgets, shared):  # prefilled caches, decoded with the batch's (but SpecPrefill's: alone)
         if spec["budget_of"] == "kv":
             pcs = [make_pc(spec["method"], **spec["params"])]
             kv = [make_kv(spec["kv"], **spec["kv_params"], **_capacity(b)) for b in budgets]
         else:
             pcs = [make_pc(spec["method"], **spec["params"], **_capacity(b)) for b in budgets]
             kv = make_kv(spec["kv"], **spec["kv_params"]) if spec["kv"] else None
-        return generate_budgets(target, prompts, pcs, draft=draft, kv=kv, max_new_tokens=n)
+        if pcs[0].keep_positions:
+            return generate_budgets(target, prompts, pcs, draft=draft, kv=kv, max_new_tokens=n)
+        return prefill_budgets(target, prompts, pcs, draft=draft, kv=kv, max_new_tokens=n,
+                               stop_ids=default_stop_ids(target))
 
     return run
 
@@ -222,12 +229,20 @@ def _drafter(spec, target, draft):
 #          ``shared``: the batch's ``SharedPrefills`` (kv methods reuse target prefills)
 KINDS: dict[str, tuple[Callable, bool]] = {"full": (_kv, False), "kv": (_kv, True), "pc": (_pc, True),
                                            "drafter": (_drafter, False)}
-DEFERRED = {"full", "kv"}  # kinds whose run returns compressed caches, decoded once for the whole batch
+
+
+def deferred(spec: dict) -> bool:
+    """Whether a normalised method entry's run returns prefilled (``jaxspec.kv.pipeline.Compressed``) caches,
+    decoded with every other such entry's of the batch (``decode_sweeps``) rather than its own results: kv
+    methods, and prompt compressors that renumber positions (SpecPrefill prefills and decodes alone)."""
+    from jaxspec.pc import METHODS as PC_METHODS
+
+    return spec["kind"] in ("full", "kv") or (spec["kind"] == "pc" and not PC_METHODS[spec["method"]].keep_positions)
 
 
 def method_runner(spec: dict, target, draft):
     """``run(prompts, max_new_tokens, budgets, shared)`` for a normalised method entry, on one batch of token-id
-    prompts: ``[[GenerationResult per prompt] per budget]``, or for the ``DEFERRED`` kinds the budgets'
+    prompts: ``[[GenerationResult per prompt] per budget]``, or for ``deferred`` entries the budgets'
     ``jaxspec.kv.pipeline.Compressed`` caches, which ``run`` decodes with every other kv method's of the batch
     (``decode_sweeps``). The budgets of one call share what their method allows (a prefill, a draft scoring
     pass), and kv methods share target prefills through ``shared`` (a ``SharedPrefills`` kept for one batch)."""
@@ -382,7 +397,7 @@ def run(cfg: dict, *, on_record: Callable[[dict], None] | None = None, models: t
                     by_n.setdefault(min(x.max_new_tokens, cfg["max_new_tokens"] or x.max_new_tokens), []).append(x)
                 for n_new, batch in by_n.items():
                     shared = SharedPrefills()  # e.g. SnapKV, PyramidKV and AdaKV, run in a row, prefill once
-                    deferred = []  # (spec, rows, budgets, compressed caches) of the kv methods, decoded together
+                    later = []  # (spec, rows, budgets, prefilled caches, need) of the deferred methods: one decode
 
                     def write(s, rows, budgets, sweep, need):
                         for b, results in zip(budgets, sweep):
@@ -407,15 +422,15 @@ def run(cfg: dict, *, on_record: Callable[[dict], None] | None = None, models: t
                         bar.set_description(f"{task}@{length} {s['name']}" + ("" if budgets == [None] else
                                                                              f"/{budgets}") + f" x{len(rows)}")
                         made = runners[s["name"]]([x.ids for x in rows], n_new, budgets, shared)
-                        if s["kind"] in DEFERRED:
-                            deferred.append((s, rows, budgets, made, need))
+                        if deferred(s):
+                            later.append((s, rows, budgets, made, need))
                         else:
                             write(s, rows, budgets, made, need)
-                    if deferred:
-                        bar.set_description(f"{task}@{length} decode x{sum(len(d[1]) * len(d[2]) for d in deferred)}")
-                        sweeps = decode_sweeps(target, [d[3] for d in deferred], max_new_tokens=n_new,
+                    if later:
+                        bar.set_description(f"{task}@{length} decode x{sum(len(d[1]) * len(d[2]) for d in later)}")
+                        sweeps = decode_sweeps(target, [d[3] for d in later], max_new_tokens=n_new,
                                                sampling=Sampling.make(), stop_ids=default_stop_ids(target))
-                        for (s, rows, budgets, _, need), sweep in zip(deferred, sweeps):
+                        for (s, rows, budgets, _, need), sweep in zip(later, sweeps):
                             write(s, rows, budgets, sweep, need)
     write_json(out / "metrics.json", metrics.aggregate(read_records(path)))
     return out

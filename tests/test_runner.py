@@ -299,6 +299,47 @@ def test_sweeps_of_several_methods_decode_as_one_batch(tiny_pair, stage_calls):
         assert [r.timings["decode"] for r in rows] == pytest.approx([merged * len(prompts) / len(rows)] * len(rows))
 
 
+def test_prompt_compressors_decode_with_the_kv_grid(tiny_pair, stage_calls):
+    """SpecPC's and recency's compressed prompts (16 and 24 tokens) and SpecKV-PC's (24 tokens, then 8 and 12
+    KV entries), prefilled by ``prefill_budgets``, decode greedily in one loop with SnapKV's caches, and
+    ``full``'s whole prompt in another. Each row's tokens are plain generation's on its compressed prompt
+    (SpecKV-PC's: ``kv_generate`` with the draft's lookahead); results carry the pc accounting, and kv
+    accounting only where a kv method dropped entries."""
+    import jaxspec
+    from jaxspec.kv import make_method as make_kv
+    from jaxspec.kv.pipeline import compress_budgets as kv_budgets, decode_sweeps, generate as kv_generate
+    from jaxspec.pc import compress, make_method as make_pc
+    from jaxspec.pc.pipeline import prefill_budgets
+
+    target, draft = tiny_pair
+    prompts = tiny_prompts()
+    spec = dict(window_size=4, starting_layer_index=0, kernel_size=3, lookahead_tokens=3)
+    pcs = {n: [make_pc(n, capacity=c, **(spec if n == "specpc" else {})) for c in (16, 24)]
+           for n in ("specpc", "recency")}
+    skv = [make_kv("speckv", capacity=c, window_size=4, kernel_size=3) for c in (8, 12)]
+    sweeps = [kv_budgets(target, prompts, [make_kv("full")]),
+              kv_budgets(target, prompts, [make_kv("snapkv", capacity=c, window_size=4) for c in (8, 12)]),
+              *(prefill_budgets(target, prompts, ms, draft=draft, max_new_tokens=6) for ms in pcs.values()),
+              prefill_budgets(target, prompts, [make_pc("specpc", capacity=24, **spec)], draft=draft, kv=skv,
+                              max_new_tokens=6)]
+    stage_calls.clear()
+    got = decode_sweeps(target, sweeps, max_new_tokens=6)
+    assert stage_calls["decode_compressed"] == 2  # the 64-slot full prompt alone, the rest (8-24 slots) together
+    for (n, ms), g in zip(pcs.items(), got[2:4]):
+        for pc, results in zip(ms, g):
+            c = compress(prompts, pc, draft=draft)
+            plain = jaxspec.generate(target, c.prompts, max_new_tokens=6, stop_ids=[])
+            assert [r.token_ids for r in results] == [r.token_ids for r in plain], (n, pc)
+            assert [(r.pc["tokens_out"], r.pc["compressed"]) for r in results] == \
+                [(len(p), f) for p, f in zip(c.prompts, c.compressed)]
+            assert all(r.kv is None and r.timings["pc_draft"] >= 0 for r in results)
+    c = compress(prompts, make_pc("specpc", capacity=24, **spec), draft=draft)
+    for kv, results in zip(skv, got[4]):
+        again = kv_generate(target, c.prompts, kv, draft=draft, lookahead=c.lookahead, max_new_tokens=6)
+        assert [r.token_ids for r in results] == [r.token_ids for r in again], kv
+        assert all(r.kv["lookahead"] == r.pc["lookahead"] and r.timings["draft"] == 0 for r in results)
+
+
 def test_kv_budget_sweep_splits_the_prefill_where_speckv_sparse_rows_differ(tiny_pair, stage_calls):
     """With its 5 lookahead tokens a 79-token prompt passes the sparse threshold (64 + 16); it is scored, so
     sparse, at capacity 16 but not at 78 (``n > capacity + 1`` fails), though both compress it: two prefills,
@@ -492,7 +533,9 @@ def test_pc_kind_end_to_end(tmp_path, stories, stage_calls):
     records = run.read_records(out / "predictions.jsonl")
     assert len(records) == 3 * 2  # 1 sample x 3 methods x 2 budgets
     assert stage_calls["attention_pass"] == 2  # the specpc sweep's, the speckv-pc compression's
-    assert stage_calls["prefill"] == 1  # speckv-pc: one target prefill for both kv budgets
+    # a target prefill per compressed prompt batch: specpc's 2, recency's 2, speckv-pc's 1 for both kv budgets
+    assert stage_calls["prefill"] == 5
+    assert stage_calls["decode_compressed"] == 1  # every budget of every method: one greedy decode loop
     assert stage_calls["generate_tokens"] == 0  # SpecKV-PC reuses SpecPC's lookahead
     for rec in records:
         if rec["method"] == "speckv-pc":

@@ -163,6 +163,9 @@ class Compressed:
     ``cache`` holds the kept prompt entries (original positions; for SpecKV also the re-fed final prompt
     token); ``logits [B, V]`` are the first new token's; ``next_pos [B]`` its position (= prompt length).
     ``compressed[b]`` is False where row ``b``'s prompt fits in the capacity (every entry kept).
+    ``pc``: per row, the prompt-compression accounting of prompts compressed before this cache was made
+    (``jaxspec.pc.pipeline.prefill_budgets``); their results carry it, and no kv accounting where ``method``
+    is ``full`` (nothing of the compressed prompt's cache was dropped).
     """
 
     method: Method
@@ -173,6 +176,7 @@ class Compressed:
     compressed: list[bool]
     lookahead: list[list[int]] | None
     timings: dict[str, float]
+    pc: list[dict] | None = None
 
 
 def _stops(stop_ids) -> jax.Array:
@@ -475,11 +479,14 @@ def decode_sweeps(target: Model, sweeps: list[list[Compressed]], *, max_new_toke
             timings = dict(c.timings, decode=decode_s * len(rows) / len(n_gen),
                            compile=c.timings["compile"] + compile_s)
             config = []
+            quiet = c.pc is not None and isinstance(c.method, Full)  # a compressed prompt's whole cache
             for b, acc in zip(rows, accounting(c, target.config, kept_indices)):
                 gen = tokens[b, : n_gen[b]].tolist()
                 text = target.tokenizer.decode(gen) if target.tokenizer is not None else None
                 config.append(GenerationResult(gen, text, FINISH_NAMES[int(reasons[b])],
-                                               c.prompt_lengths[b - rows.start], dict(timings), tps, kv=acc))
+                                               c.prompt_lengths[b - rows.start], dict(timings), tps,
+                                               kv=None if quiet else acc,
+                                               pc=None if c.pc is None else c.pc[b - rows.start]))
             results[i] = config
     it = iter(range(len(configs)))
     return [[results[next(it)] for _ in cs] for cs in sweeps]

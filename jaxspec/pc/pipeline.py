@@ -16,10 +16,13 @@ selects once per capacity.
   that only ``[B, chunk, V]`` logits exist at a time;
 * recency, random: no evidence (zeros).
 
-The compressed prompt is then generated from as any prompt is: ``jaxspec.generate`` (plain, ``kv=``,
-``speculative=``) with positions ``0..C-1``; for SpecKV the draft's lookahead tokens are reused (SpecKV-PC:
-no second draft pass). ``specprefill`` keeps the original positions: ``generate_at`` prefills the kept
-tokens at them and decodes from position ``n``.
+The compressed prompt is then generated from as any prompt is, with positions ``0..C-1``: the target
+prefills it into a plain cache through the kv pipeline (``prefill_budgets``: its ``full`` method, or with
+``kv=`` that method, for SpecKV reusing the draft's lookahead tokens: SpecKV-PC, no second draft pass) and
+``jaxspec.kv.pipeline.decode_sweeps`` decodes (greedy: a sweep's budgets, or in the runner a batch's every
+config, as one batch); ``speculative=`` and ``cache_capacity=`` go through ``jaxspec.generate``.
+``specprefill`` keeps the original positions: ``generate_at`` prefills the kept tokens at them and decodes
+from position ``n``.
 """
 
 from __future__ import annotations
@@ -327,9 +330,9 @@ def generate_budgets(model: Model, prompts, pcs: list[Method], *, draft: Model |
                      top_p: float = 1.0, seed: int = 0, stop_ids=None, chat: bool = False,
                      cache_capacity: int | None = None, kept_indices: bool = False) -> list[list[GenerationResult]]:
     """``generate`` over a budget sweep: either ``pcs`` are configs of one method differing only in capacity
-    (one draft scoring pass, then per capacity a selection and a generation), or ``pcs`` is one config and
-    ``kv`` a list of kv configs differing only in capacity (one compression, then
-    ``jaxspec.kv.pipeline.generate_budgets``: for SpecKV-PC one target prefill for every kv capacity).
+    (one draft scoring pass, then per capacity a selection and a target prefill), or ``pcs`` is one config
+    and ``kv`` a list of kv configs differing only in capacity (one compression, then for SpecKV-PC one
+    target prefill for every kv capacity); greedy, the configs then decode as one batch (``decode_sweeps``).
     Returns the results per config of the sweep, each a list over the prompts."""
     req = prepare_request(model, prompts, max_new_tokens, chat, stop_ids, cache_capacity)
     return _generate(model, req, list(pcs), draft=draft, kv=kv, speculative=speculative,
@@ -337,37 +340,75 @@ def generate_budgets(model: Model, prompts, pcs: list[Method], *, draft: Model |
                      seed=seed, cache_capacity=cache_capacity, kept_indices=kept_indices)
 
 
-def _generate(model: Model, req, pcs: list[Method], *, draft, kv, speculative, max_new_tokens, sampling, seed,
-              cache_capacity, kept_indices) -> list[list[GenerationResult]]:
-    from jaxspec import api
+def _kv_sweep(kv) -> list:
+    """``kv=`` as a list of kv configs (a sweep), ``[None]`` for none."""
     from jaxspec.kv import make_method
-    from jaxspec.kv.pipeline import generate_budgets as kv_generate_budgets
 
-    kvs = [make_method(k) for k in kv] if isinstance(kv, (list, tuple)) else [None if kv is None else make_method(kv)]
+    return [make_method(k) for k in kv] if isinstance(kv, (list, tuple)) else [None if kv is None else make_method(kv)]
+
+
+def _check_combination(model, pcs, kvs, draft, speculative) -> None:
     if len(pcs) > 1 and len(kvs) > 1:
         raise InputError("a budget sweep varies the pc capacity or the kv capacity, not both")
     check_draft(pcs[0], model, draft)
     if pcs[0].keep_positions and (kvs[0] is not None or speculative is not None):
         raise InputError(f"pc method {pcs[0].name!r} keeps the original positions: it combines with neither kv= "
                          "nor speculative=")
+
+
+def prefill_budgets(model: Model, prompts: list[list[int]], pcs: list[Method], *, draft: Model | None = None,
+                    kv=None, max_new_tokens: int = 64, stop_ids=(), kept_indices: bool = False) -> list:
+    """A budget sweep (as in ``generate_budgets``) up to its decode: per config, the compressed prompts
+    prefilled by ``model`` into a ``jaxspec.kv.pipeline.Compressed`` cache (with ``kv=`` compressed by it;
+    SpecKV-PC reuses the draft's lookahead), carrying the pc accounting (``pc``) and ``timings["pc_draft"]``.
+    ``jaxspec.kv.pipeline.decode_sweeps`` decodes them, greedily as one batch with any other caches given
+    with them. Methods that renumber positions only (``keep_positions`` ones prefill at the original
+    positions: ``generate_budgets``)."""
+    from jaxspec.kv import Full
+    from jaxspec.kv.pipeline import compress_budgets as kv_compress_budgets
+
+    kvs = _kv_sweep(kv)
+    _check_combination(model, pcs, kvs, draft, None)
+    if pcs[0].keep_positions:
+        raise InputError(f"pc method {pcs[0].name!r} keeps the original positions: its prompts are prefilled at "
+                         "them by generate_budgets")
+    out = []
+    for c in compress_budgets(prompts, pcs, draft=draft, stop_ids=stop_ids):
+        methods = [Full()] if kvs[0] is None else kvs
+        needs = methods[0].needs_draft
+        speckv_pc = methods[0].lookahead and needs and c.lookahead is not None
+        for cache in kv_compress_budgets(model, c.prompts, methods, draft=draft if needs else None,
+                                         lookahead=c.lookahead if speckv_pc else None, max_new_tokens=max_new_tokens,
+                                         stop_ids=stop_ids):
+            cache.pc = [accounting(c, b, kept_indices) for b in range(len(prompts))]
+            cache.timings["pc_draft"] = c.timings["draft"]
+            cache.timings["compile"] += c.timings["compile"]
+            out.append(cache)
+    return out
+
+
+def _generate(model: Model, req, pcs: list[Method], *, draft, kv, speculative, max_new_tokens, sampling, seed,
+              cache_capacity, kept_indices) -> list[list[GenerationResult]]:
+    from jaxspec import api
+    from jaxspec.kv.pipeline import decode_sweeps
+
+    kvs = _kv_sweep(kv)
+    _check_combination(model, pcs, kvs, draft, speculative)
+    if kvs[0] is not None and cache_capacity is not None:
+        raise InputError("cache_capacity does not apply to kv-compressed generation")
+    if speculative is None and cache_capacity is None and not pcs[0].keep_positions:
+        caches = prefill_budgets(model, req.ids, pcs, draft=draft, kv=kv, max_new_tokens=max_new_tokens, stop_ids=req.stop_ids, kept_indices=kept_indices)
+        return decode_sweeps(model, [caches], max_new_tokens=max_new_tokens, sampling=Sampling.make(**sampling),
+                             seed=seed, stop_ids=req.stop_ids, kept_indices=kept_indices)[0]
     sweep = []
     for c in compress_budgets(req.ids, pcs, draft=draft, stop_ids=req.stop_ids):
         if c.method.keep_positions and any(c.compressed):
             groups = [_generate_at_positions(model, c, max_new_tokens=max_new_tokens,
                                              sampling=Sampling.make(**sampling), seed=seed, stop_ids=req.stop_ids)]
-        elif kvs[0] is not None and speculative is None:
-            if cache_capacity is not None:
-                raise InputError("cache_capacity does not apply to kv-compressed generation")
-            speckv_pc = kvs[0].lookahead and kvs[0].needs_draft and c.lookahead is not None
-            groups = kv_generate_budgets(model, c.prompts, kvs, draft=draft if kvs[0].needs_draft else None,
-                                         lookahead=c.lookahead if speckv_pc else None, max_new_tokens=max_new_tokens,
-                                         sampling=Sampling.make(**sampling), seed=seed, stop_ids=req.stop_ids,
-                                         kept_indices=kept_indices)
-        else:
-            inner_draft = draft if speculative is not None else None  # kv with speculative: api.generate refuses
+        else:  # speculative (which refuses kv=), a cache_capacity, or an uncompressed keep_positions batch
             groups = [api.generate(model, c.prompts, max_new_tokens=max_new_tokens, seed=seed, stop_ids=req.stop_ids,
-                                   cache_capacity=cache_capacity, kv=k, draft=inner_draft, kept_indices=kept_indices,
-                                   speculative=speculative, **sampling) for k in kvs]
+                                   cache_capacity=cache_capacity, kv=k, draft=draft if speculative else None,
+                                   kept_indices=kept_indices, speculative=speculative, **sampling) for k in kvs]
         for results in groups:
             for b, r in enumerate(results):
                 r.pc = accounting(c, b, kept_indices)
