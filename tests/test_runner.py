@@ -340,6 +340,20 @@ def test_prompt_compressors_decode_with_the_kv_grid(tiny_pair, stage_calls):
         assert all(r.kv["lookahead"] == r.pc["lookahead"] and r.timings["draft"] == 0 for r in results)
 
 
+@needs_stories
+def test_bench_decode_merge_decodes_a_runner_batch_both_ways(tmp_path):
+    """The benchmark builds the tiny grid's batch (full, StreamingLLM at 64 and 128) as the runner does and
+    decodes it per config and merged: equal tokens, and its JSON says so."""
+    from experiments import bench_decode_merge
+
+    r = bench_decode_merge.main(["--config", str(REPO / "experiments" / "configs" / "tiny.yaml"), "--batch", "2",
+                                 "--task", "vt", "--out", str(tmp_path / "m.json")])
+    assert r["configs"] == ["full", "streamingllm@64", "streamingllm@128"] and r["rows"] == 6
+    assert r["tokens_equal"] and r["rows_differing"] == 0 and r["max_new_tokens"] == 8
+    assert sorted(sum(r["groups"], [])) == sorted(r["configs"]) and r["alone_steps"] <= 3 * 8
+    assert json.loads((tmp_path / "m.json").read_text())["speedup"] == r["speedup"] > 0
+
+
 def test_kv_budget_sweep_splits_the_prefill_where_speckv_sparse_rows_differ(tiny_pair, stage_calls):
     """With its 5 lookahead tokens a 79-token prompt passes the sparse threshold (64 + 16); it is scored, so
     sparse, at capacity 16 but not at 78 (``n > capacity + 1`` fails), though both compress it: two prefills,
