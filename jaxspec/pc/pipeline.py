@@ -397,7 +397,8 @@ def _generate(model: Model, req, pcs: list[Method], *, draft, kv, speculative, m
     if kvs[0] is not None and cache_capacity is not None:
         raise InputError("cache_capacity does not apply to kv-compressed generation")
     if speculative is None and cache_capacity is None and not pcs[0].keep_positions:
-        caches = prefill_budgets(model, req.ids, pcs, draft=draft, kv=kv, max_new_tokens=max_new_tokens, stop_ids=req.stop_ids, kept_indices=kept_indices)
+        caches = prefill_budgets(model, req.ids, pcs, draft=draft, kv=kv, max_new_tokens=max_new_tokens,
+                                 stop_ids=req.stop_ids, kept_indices=kept_indices)
         return decode_sweeps(model, [caches], max_new_tokens=max_new_tokens, sampling=Sampling.make(**sampling),
                              seed=seed, stop_ids=req.stop_ids, kept_indices=kept_indices)[0]
     sweep = []
