@@ -171,7 +171,7 @@ def plot_scores(rows: list[dict], out: Path, budget_of: dict[str, str | None] | 
 
     paths = []
     for (ds, length), group in _by([r for r in rows if r["kind"] == "all"], ("dataset", "length")).items():
-        fig, ax = plt.subplots(figsize=(6, 4))
+        fig, ax = plt.subplots(figsize=(7.5, 4))
         budgets = sorted({r["budget"] for r in group if r["budget"] is not None})
         for method, rs in _by(group, ("method",)).items():
             pts = sorted((r["budget"], r["score"]) for r in rs if r["budget"] is not None)
@@ -189,7 +189,8 @@ def plot_scores(rows: list[dict], out: Path, budget_of: dict[str, str | None] | 
         ax.set_ylabel("score (All)")
         ax.set_ylim(-2, 102)
         ax.set_title(f"{ds}" + ("" if length is None else f", length {length}"))
-        ax.legend(fontsize="small")
+        # beside the axes, not on them: with eight methods a legend inside covers the lines
+        ax.legend(fontsize="small", loc="upper left", bbox_to_anchor=(1.01, 1.0), borderaxespad=0.0)
         fig.tight_layout()
         path = out / f"score_vs_budget_{ds}_{length}.png"
         save_figure(fig, path)
